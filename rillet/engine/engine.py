@@ -1,0 +1,112 @@
+"""The engine: owns the model, the KV cache and every request's state; one step at a time."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from rillet.config import EngineConfig
+from rillet.engine.block_manager import KVCacheManager
+from rillet.engine.kv_cache import allocate_kv_cache, plan_kv_cache
+from rillet.engine.model_runner import ModelRunner
+from rillet.engine.outputs import RequestOutput, SampledToken, SchedulerOutput
+from rillet.engine.scheduler import Scheduler, SchedulerConfig
+from rillet.loaders import load_model
+from rillet.request import FinishReason, Request
+from rillet.sampling_params import SamplingParams
+from rillet.tokenizer.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Engine:
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = _DTYPES[config.dtype]
+        max_len = config.max_model_len or 1 << 30
+        self.model, self.model_config, self.tokenizer = load_model(model, max_len, dtype)
+        self.max_model_len = min(max_len, self.model_config.max_position)
+        plan = plan_kv_cache(self.model_config, config, dtype)
+        allocate_kv_cache(self.model, self.model_config, plan, config.block_size, dtype)
+        self.kv_plan = plan
+        self.kv = KVCacheManager(config.block_size, plan.num_blocks, plan.windows, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv)
+        self.runner = ModelRunner(self.model, config.block_size, plan.windows, self.tokenizer.eos_token_ids)
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.parents: dict[str, tuple[str, int]] = {}  # child request id -> (request id, choice index)
+        self.last_schedule: SchedulerOutput | None = None
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return (self.kv_plan.num_blocks[0] - 1) * self.config.block_size
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Queue a request (n choices become n sequences). Returns the prompt's token ids."""
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
+        children = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            child_params = dataclasses.replace(params, n=1, seed=seed) if params.n > 1 else params
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            children.append(Request(child_id, prompt_ids, child_params, self.tokenizer.eos_token_ids))
+        for req in children:
+            self.scheduler.add_request(req)  # may raise: nothing was queued for an earlier check
+            self.parents[req.request_id] = (request_id, children.index(req))
+            self.detokenizers[req.request_id] = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, params.skip_special_tokens, list(params.stop))
+        return prompt_ids
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its blocks are free before the next step."""
+        for child_id in [c for c, (p, _) in self.parents.items() if p == request_id]:
+            req = self.scheduler.abort(child_id)
+            if req is not None:
+                self._forget(child_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        schedule = self.last_schedule = self.scheduler.schedule()
+        if not schedule.seqs:
+            return []
+        sampled = self.runner.execute(schedule)
+        advanced = self.scheduler.update(schedule, {rid: t.token_id for rid, t in sampled.items()})
+        return [self._output(req, sampled[req.request_id]) for req in advanced]
+
+    def _output(self, req: Request, token: SampledToken) -> RequestOutput:
+        detok = self.detokenizers[req.request_id]
+        text = detok.push([token.token_id])
+        if detok.stopped and not req.is_finished:
+            self.scheduler.finish(req, FinishReason.STOP)
+            req.stop_reason = detok.matched_stop
+        elif req.is_finished and not detok.stopped:
+            text += detok.flush()
+        parent, index = self.parents[req.request_id]
+        out = RequestOutput(
+            request_id=parent, index=index, new_token_ids=[token.token_id], text=text,
+            finished=req.is_finished, finish_reason=req.finish_reason.value if req.finish_reason else None,
+            stop_reason=req.stop_reason, logprobs=[token] if req.params.logprobs is not None else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens)
+        if req.is_finished:
+            self._forget(req.request_id)
+        return out
+
+    def _forget(self, child_id: str) -> None:
+        self.runner.release(child_id)
+        self.detokenizers.pop(child_id, None)
+        self.parents.pop(child_id, None)

@@ -1,0 +1,149 @@
+"""Decides what each step computes, within a token budget. Pure Python.
+
+There is no prefill phase and no decode phase: every request has `num_computed_tokens`
+catching up with its token count, and a step gives each request some tokens of the budget.
+Running requests go first (those one token behind, the streams, before partial prefills),
+then waiting requests are admitted with whatever budget is left, so a long prompt is
+prefilled in chunks while the streams keep receiving a token every step.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from rillet.engine.block_manager import KVCacheManager
+from rillet.engine.outputs import ScheduledSeq, SchedulerOutput
+from rillet.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def add_request(self, req: Request) -> None:
+        limit = self.config.max_model_len
+        if req.num_tokens >= limit:
+            raise ValueError(f"the prompt has {req.num_tokens} tokens; the context limit is {limit}")
+        peak = limit if req.params.max_tokens is None else min(limit, req.num_tokens + req.params.max_tokens)
+        if not self.kv.can_ever_fit(peak, self.config.max_num_batched_tokens):
+            raise ValueError(f"a sequence of {peak} tokens can never fit in the KV cache; "
+                             "lower max_tokens or give the cache more memory")
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[Request, int] = {}
+        preempted: list[str] = []
+        # Streams (one token behind) first, then partial prefills, each in admission order.
+        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+            if budget == 0 or req.status is not RequestStatus.RUNNING:
+                continue
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, num_new):
+                victim = self.running[-1]  # the newest running request
+                budget += scheduled.pop(victim, 0)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                scheduled[req] = num_new
+                budget -= num_new
+        if not preempted:
+            budget = self._admit(scheduled, budget)
+        return SchedulerOutput([self._seq(req, n) for req, n in scheduled.items()], preempted)
+
+    def _admit(self, scheduled: dict[Request, int], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit = self.kv.find_prefix(req) if req.num_computed_tokens == 0 else None
+            start = hit.num_tokens if hit else req.num_computed_tokens
+            num_new = min(req.num_tokens - start, budget)
+            if not self.kv.allocate(req, num_new, hit):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = start
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = start
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled[req] = num_new
+            budget -= num_new
+        return budget
+
+    def _seq(self, req: Request, num_new: int) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        seq = ScheduledSeq(req.request_id, req.token_ids[start:start + num_new], start,
+                           self.kv.get_block_tables(req.request_id))
+        if start + num_new == req.num_tokens:
+            seq.params, seq.prompt_ids, seq.output_ids = req.params, req.prompt_ids, req.output_ids
+        return seq
+
+    def _preempt(self, req: Request) -> None:
+        """Free all of the request's blocks; it is recomputed from its tokens when readmitted."""
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- after the model ran --------------------------------------------------------------------
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish what must stop.
+
+        Returns the requests that received a token this step.
+        """
+        advanced = []
+        for seq in out.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += seq.num_tokens
+            self.kv.cache_blocks(req)
+            if seq.request_id not in sampled:
+                continue
+            req.append_token(sampled[seq.request_id])
+            advanced.append(req)
+            reason = req.check_stop(self.config.max_model_len)
+            if reason is not None:
+                self.finish(req, reason)
+        return advanced
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        if req.is_finished:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.request_id]
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, FinishReason.ABORT)
+        return req

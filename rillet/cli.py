@@ -27,7 +27,7 @@ _SAMPLING_HELP = {
 }
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str] | None = None) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, helps: dict[str, str] | None = None) -> None:
     """One --option per field of `cls`, typed and documented from the dataclass itself."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

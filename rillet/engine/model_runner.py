@@ -31,10 +31,14 @@ class ModelRunner:
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         if not sampling:
             return {}
-        logits = self.model.compute_logits(hidden[ends[sampling]]).float()  # [R, vocab]
+        logits = self.compute_logits(hidden[ends[sampling]])  # [R, vocab]
         rows = [self._row(seqs[i]) for i in sampling]
         tokens = self.sampler(logits, rows)
         return {seqs[i].request_id: tok for i, tok in zip(sampling, tokens)}
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model.compute_logits(hidden)  # type: ignore[operator]
+        return logits.float()
 
     def _row(self, seq: ScheduledSeq) -> SamplingRow:
         params = seq.params

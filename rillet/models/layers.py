@@ -55,6 +55,8 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = inverse_frequencies(rope, dim)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_position, dim / 2]
         self.register_buffer("sin", freqs.sin(), persistent=False)
 

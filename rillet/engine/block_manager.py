@@ -133,12 +133,12 @@ class KVCacheManager:
         rid = req.request_id
         hashes = self.block_hashes.setdefault(rid, [])
         extend_block_hashes(hashes, req.token_ids, self.block_size, req.num_computed_tokens)
-        first = self.num_registered[rid]
+        first, num_full = self.num_registered[rid], req.num_computed_tokens // self.block_size
         for pool, table in zip(self.pools, self.block_tables[rid]):
-            for i in range(first, len(hashes)):
+            for i in range(first, num_full):
                 if table[i] != NULL_BLOCK:
                     pool.register(table[i], hashes[i])
-        self.num_registered[rid] = len(hashes)
+        self.num_registered[rid] = max(first, num_full)
 
     def free(self, req: Request) -> None:
         """Release every block of the request; its tail blocks become the first to be evicted."""

@@ -17,7 +17,8 @@ def make(num_blocks: int, budget: int = 100, max_seqs: int = 8, windows: list[in
 
 
 def req(rid: str, n: int, max_tokens: int = 20) -> Request:
-    return Request(rid, list(range(100, 100 + n)), SamplingParams(max_tokens=max_tokens), frozenset({0}))
+    first = 100 + 1000 * sum(map(ord, rid))  # distinct prompts: no accidental prefix sharing
+    return Request(rid, list(range(first, first + n)), SamplingParams(max_tokens=max_tokens), frozenset({0}))
 
 
 def run_step(s: Scheduler, token: int = 7) -> dict[str, int]:
@@ -56,7 +57,7 @@ def test_long_prefill_never_starves_running_streams() -> None:
 
 def test_newest_request_is_preempted_and_its_blocks_freed() -> None:
     s = make(5)  # 4 usable blocks of 4 tokens
-    r1, r2 = req("r1", 7), req("r2", 7)
+    r1, r2 = req("r1", 7, max_tokens=8), req("r2", 7, max_tokens=8)
     s.add_request(r1)
     s.add_request(r2)
     run_step(s)
@@ -74,7 +75,7 @@ def test_newest_request_is_preempted_and_its_blocks_freed() -> None:
 
 def test_preempted_request_is_readmitted_with_its_cached_prefix() -> None:
     s = make(5)
-    r1, r2 = req("r1", 7), req("r2", 7)
+    r1, r2 = req("r1", 7, max_tokens=8), req("r2", 7, max_tokens=8)
     s.add_request(r1)
     s.add_request(r2)
     run_step(s)
@@ -88,7 +89,7 @@ def test_preempted_request_is_readmitted_with_its_cached_prefix() -> None:
 
 def test_abort_frees_every_block_at_once() -> None:
     s = make(10, budget=4)
-    r = req("r", 20)
+    r = req("r", 20, max_tokens=4)
     s.add_request(r)
     run_step(s)
     assert s.kv.pools[0].num_free == 8

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import tokenizers
 from gguf import GGUFReader
 
 from rillet.tokenizer.tokenizer import TokenizerSettings
@@ -358,15 +359,15 @@ def cache_key(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:32]
 
 
-def _read_cached(key: str) -> tuple[str, TokenizerSettings] | None:
+def _read_cached(key: str) -> tuple[tokenizers.Tokenizer, TokenizerSettings] | None:
     directory = cache_dir()
     try:
-        text = (directory / f"{key}.json").read_text(encoding="utf-8")
         raw = json.loads((directory / f"{key}.settings.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        backend = tokenizers.Tokenizer.from_file(str(directory / f"{key}.json"))
+    except Exception:  # missing, partial or unreadable: rebuild it
         return None
     raw["extra_eos_token_ids"] = tuple(raw["extra_eos_token_ids"])
-    return text, TokenizerSettings(**raw)
+    return backend, TokenizerSettings(**raw)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -386,8 +387,8 @@ def _write_cached(key: str, text: str, found: TokenizerSettings) -> None:
         pass  # a read-only home only costs the next load its conversion time
 
 
-def load(path_or_reader: str | os.PathLike[str] | GGUFReader) -> tuple[str, TokenizerSettings]:
-    """The tokenizer JSON and settings of a GGUF file, from the cache when it has them.
+def load(path_or_reader: str | os.PathLike[str] | GGUFReader) -> tuple[tokenizers.Tokenizer, TokenizerSettings]:
+    """The tokenizer and settings of a GGUF file, from the cache when it has them.
 
     Given a path, a cache hit never opens the file with GGUFReader (which alone takes ~10 s on
     Gemma 3's metadata).
@@ -404,5 +405,4 @@ def load(path_or_reader: str | os.PathLike[str] | GGUFReader) -> tuple[str, Toke
     vocab = read_vocab(reader if reader is not None else GGUFReader(path))
     text, found = tokenizer_json(vocab), settings(vocab)
     _write_cached(key, text, found)
-    return text, found
-
+    return tokenizers.Tokenizer.from_str(text), found

@@ -78,8 +78,7 @@ class Tokenizer:
         """Build from a GGUF file's metadata (cached on disk after the first load)."""
         from rillet.tokenizer import gguf_vocab
 
-        text, settings = gguf_vocab.load(path_or_reader)
-        return cls(tokenizers.Tokenizer.from_str(text), settings)
+        return cls(*gguf_vocab.load(path_or_reader))
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:

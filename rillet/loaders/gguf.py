@@ -63,11 +63,12 @@ def read_config(reader: GGUFReader) -> ModelConfig:
         rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6), max_position=get("context_length", 8192),
         rope=rope, tie_word_embeddings="output.weight" not in names)
     if arch == "gemma3":
-        # NOTE: llama.cpp does not store Gemma 3's layer pattern or local rotary base; both
-        # are fixed for the family (5 local layers, then 1 global; base 10k).
+        # NOTE: llama.cpp does not store Gemma 3's layer pattern, and older files lack the
+        # local rotary base; both are fixed for the family (5 local : 1 global; base 10k).
         window = get("attention.sliding_window", 512)
         types = tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(num_layers))
-        return ModelConfig(family="gemma3", local_rope=RopeConfig(theta=10000.0), sliding_window=window,
+        local = RopeConfig(theta=get("rope.freq_base_swa", 10000.0))
+        return ModelConfig(family="gemma3", local_rope=local, sliding_window=window,
                            layer_types=types, qk_norm=True, **common)
     return ModelConfig(family=arch, attention_bias="blk.0.attn_q.bias" in names,
                        qk_norm="blk.0.attn_q_norm.weight" in names, **common)

@@ -91,8 +91,13 @@ class IncrementalDetokenizer:
     def _may_change(self, window: list[int], text: str) -> bool:
         if text.endswith(REPLACEMENT):
             return True
-        last = next((i for i in reversed(window) if i not in self._hidden), None)
+        last = next((i for i in reversed(window) if self._shown(i)), None)
         return last is not None and last in self.tokenizer.byte_fallback_ids
+
+    def _shown(self, token_id: int) -> bool:
+        # Skipped special tokens and ids without a token never reach the decoder, so they do not
+        # end a byte run.
+        return token_id not in self._hidden and self.tokenizer.backend.id_to_token(token_id) is not None
 
     def _context(self, prompt_ids: list[int]) -> list[int]:
         """The last few prompt ids, when their text is final (no pending byte run or U+FFFD)."""

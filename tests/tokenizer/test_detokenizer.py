@@ -136,7 +136,9 @@ def test_no_replacement_characters_from_split_characters(
 
 @settings(max_examples=1000, deadline=None)
 @given(raw_ids=st.binary(max_size=48), raw_stops=st.binary(max_size=15), cuts=cut_lists)
-def test_stop_strings_are_never_leaked(tokenizer: Tokenizer, raw_ids: bytes, raw_stops: bytes, cuts: list[int]) -> None:
+def test_stop_strings_are_never_leaked(
+    tokenizer: Tokenizer, raw_ids: bytes, raw_stops: bytes, cuts: list[int]
+) -> None:
     ids = to_ids(tokenizer, raw_ids)
     full = tokenizer.decode(ids)
     stops = to_stops(raw_stops, TEXT_ALPHABET, source=full)

@@ -39,7 +39,8 @@ def test_special_tokens(gemma_tokenizer: Tokenizer) -> None:
 def test_encode_matches_transformers(gemma_tokenizer: Tokenizer, reference: Any) -> None:
     for text in SAMPLES:
         for special in (True, False):
-            assert gemma_tokenizer.encode(text, special) == reference.encode(text, add_special_tokens=special), text
+            expected = reference.encode(text, add_special_tokens=special)
+            assert gemma_tokenizer.encode(text, special) == expected, text
 
 
 @pytest.mark.slow

@@ -75,7 +75,7 @@ def test_sentencepiece_gguf_matches_transformers(sentencepiece_dir: Path, name: 
 
     ours = Tokenizer.from_gguf(sentencepiece_dir / name)
     reference = AutoTokenizer.from_pretrained(str(sentencepiece_dir), gguf_file=name)
-    texts = SAMPLES + ["hello world", " hello  world", "the\n\nworld\t<div>", "日本語 ü", "<start_of_turn>user\nhi"]
+    texts = [*SAMPLES, "hello world", " hello  world", "the\n\nworld\t<div>", "日本語 ü", "<start_of_turn>user\nhi"]
     for text in texts:
         for special in (True, False):
             assert ours.encode(text, special) == reference.encode(text, add_special_tokens=special), text

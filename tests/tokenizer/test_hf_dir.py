@@ -74,7 +74,8 @@ def test_chat_template_sources(hf_dir: Path, where: str) -> None:
     if where == "string":
         update_config(hf_dir, chat_template=TEMPLATE)
     elif where == "named list":
-        update_config(hf_dir, chat_template=[{"name": "tool_use", "template": "x"}, {"name": "default", "template": TEMPLATE}])
+        named = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": TEMPLATE}]
+        update_config(hf_dir, chat_template=named)
     else:
         (hf_dir / "chat_template.jinja").write_text(TEMPLATE)
     assert Tokenizer.from_hf_dir(hf_dir).chat_template == TEMPLATE
@@ -88,7 +89,9 @@ def test_gguf_carries_the_chat_template(tmp_path: Path, bpe_dirs: dict[str, Path
     bos, eot = hf.backend.token_to_id(BOS_TOKEN), hf.backend.token_to_id(EOT_TOKEN)
     tokenizer_json = str(bpe_dirs["llama-bpe"] / "tokenizer.json")
     path = write_gguf(
-        tmp_path / "t.gguf", "llama", lambda w: add_tokenizer_metadata(w, tokenizer_json, "llama-bpe", bos, eot, TEMPLATE)
+        tmp_path / "t.gguf",
+        "llama",
+        lambda writer: add_tokenizer_metadata(writer, tokenizer_json, "llama-bpe", bos, eot, TEMPLATE),
     )
     tok = Tokenizer.from_gguf(path)
     assert tok.chat_template == TEMPLATE

@@ -200,7 +200,10 @@ class Sampler:
         buf = self._scratch[: num_rows * vocab_size].view(num_rows, vocab_size)
         torch.index_select(logits, 0, torch.tensor(idx), out=buf)
         maxes = buf.amax(-1, keepdim=True)
-        buf.sub_(maxes).div_(temps.float()[:, None]).exp_()
+        buf.sub_(maxes)
+        if not bool((temps == 1.0).all()):
+            buf.div_(temps.float()[:, None])
+        buf.exp_()
         return maxes.squeeze(1).double(), _chunk_sums(buf)
 
     def _results(self, logits: torch.Tensor, rows: list[SamplingRow],

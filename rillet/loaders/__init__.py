@@ -33,20 +33,31 @@ def load_model(path: str | None, max_position: int, dtype: torch.dtype = torch.f
         weights = hf.load_weights(p)
         tokenizer = Tokenizer.from_hf_dir(p)
     elif p.suffix == ".gguf" and p.is_file():
-        from gguf import GGUFReader
-
-        from rillet.loaders import gguf as gg
-
-        reader = GGUFReader(str(p))
-        cfg = gg.read_config(reader)
-        weights = gg.load_weights(reader, cfg)
-        tokenizer = Tokenizer.from_gguf(reader)
+        cfg, weights = _load_gguf(p)
+        tokenizer = Tokenizer.from_gguf(p)
     else:
         raise FileNotFoundError(f"{p} is neither a .gguf file nor a Hugging Face model folder")
     model = build_model(cfg, weights, min(max_position, cfg.max_position), dtype)
     logger.info("loaded %s (%s, %d layers) in %.1f s", p.name, cfg.family, cfg.num_layers,
                 time.perf_counter() - start)
     return model, cfg, tokenizer
+
+
+def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from rillet.loaders import weight_cache
+
+    cached = weight_cache.load(path)
+    if cached is not None:
+        return cached
+    from gguf import GGUFReader
+
+    from rillet.loaders import gguf as gg
+
+    reader = GGUFReader(str(path))
+    cfg = gg.read_config(reader)
+    weights = gg.load_weights(reader, cfg)
+    weight_cache.save(path, cfg, weights)
+    return cfg, weights
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position: int,

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 import tokenizers
 from gguf import GGUFReader
 
+from rillet.paths import cache_root
 from rillet.tokenizer.tokenizer import TokenizerSettings
 
 # Bump when the produced JSON changes, so stale cache entries are not reused.
@@ -348,9 +349,7 @@ def settings(vocab: GGUFVocab) -> TokenizerSettings:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("RILLET_CACHE_DIR")
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rillet"
-    return base / "tokenizers"
+    return cache_root() / "tokenizers"
 
 
 def cache_key(path: str | os.PathLike[str]) -> str:

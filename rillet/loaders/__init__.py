@@ -33,8 +33,7 @@ def load_model(path: str | None, max_position: int, dtype: torch.dtype = torch.f
         weights = hf.load_weights(p)
         tokenizer = Tokenizer.from_hf_dir(p)
     elif p.suffix == ".gguf" and p.is_file():
-        cfg, weights = _load_gguf(p)
-        tokenizer = Tokenizer.from_gguf(p)
+        cfg, weights, tokenizer = _load_gguf(p)
     else:
         raise FileNotFoundError(f"{p} is neither a .gguf file nor a Hugging Face model folder")
     model = build_model(cfg, weights, min(max_position, cfg.max_position), dtype)
@@ -43,21 +42,20 @@ def load_model(path: str | None, max_position: int, dtype: torch.dtype = torch.f
     return model, cfg, tokenizer
 
 
-def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     from rillet.loaders import weight_cache
 
     cached = weight_cache.load(path)
     if cached is not None:
-        return cached
-    from gguf import GGUFReader
-
+        return *cached, Tokenizer.from_gguf(path)
+    from rillet.gguf_reader import open_gguf
     from rillet.loaders import gguf as gg
 
-    reader = GGUFReader(str(path))
+    reader = open_gguf(path)
     cfg = gg.read_config(reader)
     weights = gg.load_weights(reader, cfg)
     weight_cache.save(path, cfg, weights)
-    return cfg, weights
+    return cfg, weights, Tokenizer.from_gguf(reader)
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position: int,

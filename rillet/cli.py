@@ -72,7 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(gen.add_argument_group("sampling"), SamplingParams, _SAMPLING_HELP)
     add_dataclass_options(gen.add_argument_group("engine"), EngineConfig)
     gen.set_defaults(max_tokens=64)
+    _add_serve(sub)
     return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from rillet.server import ServerConfig
+
+    serve = sub.add_parser("serve", help="serve the OpenAI API over HTTP",
+                           description="Serve /v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+                                       "/detokenize, /health and /metrics. With no --model, the embedded "
+                                       "Gemma 3 270M is served.")
+    serve.add_argument("--model", default=None, help="a .gguf file or a Hugging Face model folder")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_dataclass_options(serve.add_argument_group("server"), ServerConfig)
+    add_dataclass_options(serve.add_argument_group("engine"), EngineConfig)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -89,12 +103,26 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    import os
+
+    from rillet.server import ServerConfig
+    from rillet.server.app import run
+
+    options = options_for(ServerConfig, args)
+    if "api_key" not in options and os.environ.get("RILLET_API_KEY"):
+        options["api_key"] = os.environ["RILLET_API_KEY"]
+    config = ServerConfig(**options)
+    logging.getLogger("rillet").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    return run(args.model, EngineConfig(**options_for(EngineConfig, args)), config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"generate": generate}[args.command](args)
+        return {"generate": generate, "serve": serve}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"rillet: error: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,8 @@ _SAMPLING_HELP = {
 }
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, helps: dict[str, str] | None = None) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
+                          helps: dict[str, str] | None = None, defaults: dict[str, Any] | None = None) -> None:
     """One --option per field of `cls`, typed and documented from the dataclass itself."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -36,13 +37,14 @@ def add_dataclass_options(parser: argparse.ArgumentParser | argparse._ArgumentGr
             continue
         kind = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        default = None if f.default is dataclasses.MISSING else f.default
+        default = (defaults or {}).get(f.name, None if f.default is dataclasses.MISSING else f.default)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif kind is tuple:
             parser.add_argument(flag, action="append", default=None, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+            shown = "" if default is None or "default" in text else f" (default: {default})"
+            parser.add_argument(flag, type=kind, default=default, help=text + shown)
 
 
 def _base_type(hint: Any) -> type:
@@ -69,9 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the text to continue")
     gen.add_argument("--model", default=None, help="a .gguf file or a Hugging Face model folder")
     gen.add_argument("-v", "--verbose", action="store_true", help="log model loading and timings")
-    add_dataclass_options(gen.add_argument_group("sampling"), SamplingParams, _SAMPLING_HELP)
+    add_dataclass_options(gen.add_argument_group("sampling"), SamplingParams, _SAMPLING_HELP, {"max_tokens": 64})
     add_dataclass_options(gen.add_argument_group("engine"), EngineConfig)
-    gen.set_defaults(max_tokens=64)
     _add_serve(sub)
     return parser
 

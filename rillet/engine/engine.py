@@ -31,7 +31,7 @@ class Engine:
         max_len = config.max_model_len or 1 << 30
         self.model, self.model_config, self.tokenizer = load_model(model, max_len, dtype)
         self.max_model_len = min(max_len, self.model_config.max_position)
-        plan = plan_kv_cache(self.model_config, config, dtype)
+        plan = plan_kv_cache(self.model_config, config, dtype, self.max_model_len)
         allocate_kv_cache(self.model, self.model_config, plan, config.block_size, dtype)
         self.kv_plan = plan
         self.kv = KVCacheManager(config.block_size, plan.num_blocks, plan.windows, config.enable_prefix_caching)
@@ -40,6 +40,7 @@ class Engine:
         self.runner = ModelRunner(self.model, config.block_size, plan.windows, self.tokenizer.eos_token_ids)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.parents: dict[str, tuple[str, int]] = {}  # child request id -> (request id, choice index)
+        self.children: dict[str, list[str]] = {}  # request id -> child request ids
         self.last_schedule: SchedulerOutput | None = None
 
     @property
@@ -62,18 +63,20 @@ class Engine:
             child_params = dataclasses.replace(params, n=1, seed=seed) if params.n > 1 else params
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(Request(child_id, prompt_ids, child_params, self.tokenizer.eos_token_ids))
-        for req in children:
-            self.scheduler.add_request(req)  # may raise: nothing was queued for an earlier check
-            self.parents[req.request_id] = (request_id, children.index(req))
+        if request_id in self.children:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        for index, req in enumerate(children):
+            self.scheduler.add_request(req)  # may raise: every child passes the same checks
+            self.parents[req.request_id] = (request_id, index)
             self.detokenizers[req.request_id] = IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, params.skip_special_tokens, list(params.stop))
+        self.children[request_id] = [req.request_id for req in children]
         return prompt_ids
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its blocks are free before the next step."""
-        for child_id in [c for c, (p, _) in self.parents.items() if p == request_id]:
-            req = self.scheduler.abort(child_id)
-            if req is not None:
+        for child_id in list(self.children.get(request_id, ())):
+            if self.scheduler.abort(child_id) is not None:
                 self._forget(child_id)
 
     def has_unfinished(self) -> bool:
@@ -110,4 +113,8 @@ class Engine:
     def _forget(self, child_id: str) -> None:
         self.runner.release(child_id)
         self.detokenizers.pop(child_id, None)
-        self.parents.pop(child_id, None)
+        parent, _ = self.parents.pop(child_id)
+        siblings = self.children[parent]
+        siblings.remove(child_id)
+        if not siblings:
+            del self.children[parent]

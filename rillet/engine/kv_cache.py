@@ -19,7 +19,7 @@ class KVPlan:
     windows: list[int | None]
 
 
-def plan_kv_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> KVPlan:
+def plan_kv_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, max_model_len: int) -> KVPlan:
     """Split the KV budget between the full-attention group and the sliding-window group.
 
     A sliding group needs at most its window (plus one chunk) per sequence, whatever the
@@ -39,7 +39,7 @@ def plan_kv_cache(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> K
         full = cdiv(ecfg.num_kv_tokens, bs) + 1
     else:
         budget = int(ecfg.kv_cache_memory_gb * 2**30) - sliding * block_bytes * layers.get("sliding", 0)
-        full = budget // (block_bytes * layers["full"])
+        full = min(budget // (block_bytes * layers["full"]), ecfg.max_num_seqs * cdiv(max_model_len, bs) + 1)
         if full < 2:
             raise ValueError(f"kv_cache_memory_gb={ecfg.kv_cache_memory_gb} leaves no room for the KV cache")
     if sliding:

@@ -1,4 +1,5 @@
-"""docs/SERVER.md's curl and `openai` examples, run as written against `rillet serve` on the embedded model."""
+"""README.md's and docs/SERVER.md's curl and `openai` examples, run as written against `rillet serve` on the
+embedded model."""
 from __future__ import annotations
 
 import json
@@ -13,14 +14,15 @@ import pytest
 
 from tests.server.conftest import LiveServer, start_server
 
-DOC = Path(__file__).parents[2] / "docs" / "SERVER.md"
+ROOT = Path(__file__).parents[2]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "SERVER.md"]
 DOC_URL = "http://localhost:8000"
 
 pytestmark = pytest.mark.slow
 
 
-def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.S)
+def code_blocks(doc: Path, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", doc.read_text(), flags=re.S)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,9 @@ def as_written(example: str, server: LiveServer) -> str:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
-def test_curl_example(embedded: LiveServer) -> None:
-    example = next(b for b in code_blocks("bash") if b.startswith("curl "))
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_curl_example(embedded: LiveServer, doc: Path) -> None:
+    example = next(b for b in code_blocks(doc, "bash") if b.startswith("curl "))
     out = subprocess.run(["bash", "-c", as_written(example, embedded)], capture_output=True, text=True,
                          timeout=300, check=True).stdout
     body = json.loads(out)
@@ -45,8 +48,9 @@ def test_curl_example(embedded: LiveServer) -> None:
     assert body["usage"]["completion_tokens"] == 16
 
 
-def test_openai_client_example(embedded: LiveServer) -> None:
-    example = code_blocks("python")[0]
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_openai_client_example(embedded: LiveServer, doc: Path) -> None:
+    example = next(b for b in code_blocks(doc, "python") if "from openai import OpenAI" in b)
     out = subprocess.run([sys.executable, "-c", as_written(example, embedded)], capture_output=True, text=True,
                          timeout=300, check=True).stdout
     text, _, usage = out.rpartition("\n[")

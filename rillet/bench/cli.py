@@ -118,15 +118,11 @@ def _tokenizer(path: str | None) -> TokenCounter:
     return Tokenizer.from_hf_dir(path) if Path(path).is_dir() else Tokenizer.from_gguf(path)
 
 
-def _requests(args: argparse.Namespace) -> tuple[list[RequestSpec], list[RequestSpec]]:
-    """The measured requests and the warm-up ones."""
+def _requests(args: argparse.Namespace, tokenizer: TokenCounter | None, count: int, purpose: str) -> list[RequestSpec]:
     mix = args.reading_speed_mix or ReadingSpeedMix((args.reading_speed,), (1.0,))
     words = None if args.prompt_tokens else (args.prompt_words or LengthDist.parse("60"))
-    tokenizer = _tokenizer(args.tokenizer) if args.prompt_tokens else None
-    specs, warmup = (build_requests(count, args.seed, words, args.output_tokens, mix, args.prompt_tokens,
-                                    tokenizer, purpose=purpose)
-                     for count, purpose in ((args.num_requests, "measure"), (args.warmup, "warmup")))
-    return specs, warmup
+    return build_requests(count, args.seed, words, args.output_tokens, mix, args.prompt_tokens, tokenizer,
+                          purpose=purpose)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -158,7 +154,12 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         _check(args)
         arrivals = [Arrivals(args.arrival, rate, args.burstiness) for rate in (args.sweep or [args.request_rate])]
-        specs, warmup = _requests(args)
+        tokenizer = _tokenizer(args.tokenizer) if args.prompt_tokens else None
+        # NOTE: each rate of a sweep gets its own prompts (the same for every server), so a server's prefix
+        # cache holds nothing from the previous rate; warm-up prompts are another stream again.
+        schedules = [_requests(args, tokenizer, args.num_requests, "measure" if i == 0 else f"measure-{i}")
+                     for i in range(len(arrivals))]
+        warmup = _requests(args, tokenizer, args.warmup, "warmup")
     except ValueError as e:
         print(f"rillet bench: error: {e}", file=sys.stderr)
         return 2
@@ -166,8 +167,8 @@ def run_bench(args: argparse.Namespace) -> int:
               args.slo_tpot if args.slo_tpot is not None else 1.0 / args.reading_speed)
     urls = [args.url] + ([args.compare] if args.compare else [])
     got = _Collected(_labels(urls))
-    print(_describe(args, len(specs)))
-    for arr in arrivals:
+    print(_describe(args, args.num_requests))
+    for arr, specs in zip(arrivals, schedules):
         offsets = None if args.concurrency else arrival_offsets(len(specs), arr, args.seed)
         summaries = [_run_one(args, url, label, specs, warmup, offsets, arr.rate, slo, got)
                      for url, label in zip(urls, got.labels)]

@@ -136,7 +136,8 @@ def test_unreachable_server_is_an_error_per_request() -> None:
 
 def test_command_compares_sweeps_and_writes_json_and_plots(fake: tuple[FakeServer, str], tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    _, url = fake
+    server, url = fake
+    server.bodies.clear()
     out = tmp_path / "bench.json"
     status = cli.main(["--url", url, "--compare", url, "--num-requests", "4", "--prompt-words", "10",
                        "--output-tokens", "4", "--sweep", "20,inf", "--warmup", "0",
@@ -151,6 +152,9 @@ def test_command_compares_sweeps_and_writes_json_and_plots(fake: tuple[FakeServe
         assert run_doc["summary"]["num_ok"] == 4
         assert all(len(r["token_times_s"]) == 4 and r["ttft_s"] >= FIRST_TOKEN_DELAY_S for r in run_doc["requests"])
     assert set(doc["sweep"]) == set(doc["servers"])
+    # The same prompts for both servers; new prompts for the next rate, so no prefix cache carries over.
+    prompts = [{b["prompt"] for b in server.bodies[i:i + 4]} for i in range(0, 16, 4)]
+    assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and not prompts[0] & prompts[2]
     for name in ("qoe_ttft_vs_rate.png", "timelines_1.png", "timelines_2.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 

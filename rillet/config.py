@@ -77,7 +77,10 @@ class EngineConfig:
         "help": "context limit in tokens (default: the model's)"})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "reuse the KV cache of prompts that share a prefix"})
-    dtype: str = field(default="float32", metadata={"help": "weight and KV dtype: float32 or bfloat16"})
+    dtype: str = field(default="float32", metadata={
+        "help": "activation, KV-cache and weight dtype: float32 (exact) or bfloat16"})
+    quantization: str = field(default="none", metadata={
+        "help": "weight-only quantization of the linear layers: none or int8"})
     num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: all cores)"})
 
     def __post_init__(self) -> None:
@@ -91,3 +94,5 @@ class EngineConfig:
             raise ValueError(f"num_kv_tokens must hold at least one block of {self.block_size} tokens")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.quantization not in ("none", "int8"):
+            raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")

@@ -13,6 +13,7 @@ from rillet.engine.model_runner import ModelRunner
 from rillet.engine.outputs import RequestOutput, SampledToken, SchedulerOutput
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.loaders import load_model
+from rillet.models.weight_formats import apply_quantization
 from rillet.request import FinishReason, Request
 from rillet.sampling_params import SamplingParams
 from rillet.tokenizer.detokenizer import IncrementalDetokenizer
@@ -31,6 +32,7 @@ class Engine:
         max_len = config.max_model_len or 1 << 30
         self.model, self.model_config, self.tokenizer = load_model(model, max_len, dtype)
         self.max_model_len = min(max_len, self.model_config.max_position)
+        apply_quantization(self.model, config.quantization)
         plan = plan_kv_cache(self.model_config, config, dtype, self.max_model_len)
         allocate_kv_cache(self.model, self.model_config, plan, config.block_size, dtype)
         self.kv_plan = plan

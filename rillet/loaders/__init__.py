@@ -62,9 +62,9 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position
                 dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
         model = model_class(cfg.family)(cfg, max_position)
-    if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
     weights = {k: v.to(dtype) if not k.endswith("norm.weight") else v for k, v in weights.items()}
+    if cfg.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"weights do not match the {cfg.family} architecture: "

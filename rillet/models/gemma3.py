@@ -81,10 +81,12 @@ class Gemma3ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int) -> None:
         super().__init__()
         self.model = Gemma3Model(cfg, max_position)
+        # Tied to embed_tokens by the loader (one tensor, unless a weight format repacks it).
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.model.embed_tokens.weight.t()
+        return self.lm_head(hidden)
 

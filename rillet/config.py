@@ -80,7 +80,10 @@ class EngineConfig:
     dtype: str = field(default="float32", metadata={
         "help": "activation, KV-cache and weight dtype: float32 (exact) or bfloat16"})
     quantization: str = field(default="none", metadata={
-        "help": "quantization of the linear layers: none, int8 (weights only) or w8a8 (weights and activations)"})
+        "help": "quantization of the decoder's linear layers: none, int8 (weights only) or w8a8 "
+                "(weights and activations)"})
+    lm_head_quantization: str = field(default="none", metadata={
+        "help": "quantization of the LM head: none, int8 or w8a8"})
     num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: all cores)"})
 
     def __post_init__(self) -> None:
@@ -94,5 +97,6 @@ class EngineConfig:
             raise ValueError(f"num_kv_tokens must hold at least one block of {self.block_size} tokens")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.quantization not in ("none", "int8", "w8a8"):
-            raise ValueError(f"quantization must be none, int8 or w8a8, got {self.quantization!r}")
+        for name in ("quantization", "lm_head_quantization"):
+            if getattr(self, name) not in ("none", "int8", "w8a8"):
+                raise ValueError(f"{name} must be none, int8 or w8a8, got {getattr(self, name)!r}")

@@ -24,11 +24,13 @@ PROMPTS = [
     "Photosynthesis converts", "The theory of relativity states that", "My favourite book is",
     "东京是日本的", "To install the package, run", "The stock market today", "Rivers flow toward",
 ]
-FORMATS = [("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int8"), ("float32", "w8a8")]
+# (dtype, decoder quantization, LM-head quantization)
+FORMATS = [("bfloat16", "none", "none"), ("float32", "none", "w8a8"), ("float32", "int8", "int8"),
+           ("float32", "int8", "w8a8"), ("bfloat16", "int8", "w8a8"), ("float32", "w8a8", "w8a8")]
 
 
-def generate(model: str | None, dtype: str, quantization: str, max_tokens: int) -> list[list[int]]:
-    llm = LLM(model, dtype=dtype, quantization=quantization, num_kv_tokens=32768)
+def generate(model: str | None, dtype: str, quantization: str, lm_head: str, max_tokens: int) -> list[list[int]]:
+    llm = LLM(model, dtype=dtype, quantization=quantization, lm_head_quantization=lm_head, num_kv_tokens=32768)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     return [r.token_ids for r in llm.generate(PROMPTS, params)]
 
@@ -47,12 +49,12 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="a .gguf file or HF folder (default: the embedded model)")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
-    reference = generate(args.model, "float32", "none", args.max_tokens)
+    reference = generate(args.model, "float32", "none", "none", args.max_tokens)
     results = {}
-    for dtype, quant in FORMATS:
-        results[f"{dtype}/{quant}"] = agreement(reference, generate(args.model, dtype, quant, args.max_tokens))
-        r = results[f"{dtype}/{quant}"]
-        print(f"{dtype:>9} {quant:>5}: identical {r['identical']:.0%} of prompts, "
+    for dtype, quant, head in FORMATS:
+        name = f"{dtype}/{quant}/{head}"
+        results[name] = r = agreement(reference, generate(args.model, dtype, quant, head, args.max_tokens))
+        print(f"{dtype:>9} layers {quant:>5} head {head:>5}: identical {r['identical']:.0%} of prompts, "
               f"mean agreeing prefix {r['mean_prefix']:.0%} of {args.max_tokens} tokens", flush=True)
     print(json.dumps(results))
     return 0

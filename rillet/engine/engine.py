@@ -32,7 +32,7 @@ class Engine:
         max_len = config.max_model_len or 1 << 30
         self.model, self.model_config, self.tokenizer = load_model(model, max_len, dtype)
         self.max_model_len = min(max_len, self.model_config.max_position)
-        apply_quantization(self.model, config.quantization)
+        apply_quantization(self.model, config.quantization, config.lm_head_quantization)
         plan = plan_kv_cache(self.model_config, config, dtype, self.max_model_len)
         allocate_kv_cache(self.model, self.model_config, plan, config.block_size, dtype)
         self.kv_plan = plan

@@ -58,23 +58,25 @@ class W8A8Linear(nn.Module):
         # x: [..., in] -> [..., out]
         flat = x.reshape(-1, x.shape[-1]).float()
         qx, sx = _quantize_rows(flat)
-        out = torch._int_mm(qx, self.qweight.t()) * (sx[:, None] * self.scale)
+        # NOTE: two passes over [rows, out], no [rows, out] temporary of scales.
+        out = torch.mul(torch._int_mm(qx, self.qweight.t()), self.scale).mul_(sx[:, None])
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
-def apply_quantization(model: nn.Module, quantization: str, lm_head_dense_above: int = 8) -> None:
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-    if quantization == "none":
-        return
+def apply_quantization(model: nn.Module, layers: str, lm_head: str, lm_head_dense_above: int = 8) -> None:
+    """Replace the linear layers of the decoder blocks (`layers`) and the LM head (`lm_head`)."""
+    for fmt in (layers, lm_head):
+        if fmt not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {fmt!r}")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                full = f"{name}.{child_name}" if name else child_name
-                if quantization == "w8a8":
-                    setattr(module, child_name, W8A8Linear(child))
-                    continue
-                dense_above = lm_head_dense_above if full == "lm_head" else None
-                setattr(module, child_name, Int8Linear(child, dense_above))
+            if not isinstance(child, nn.Linear):
+                continue
+            is_head = not name and child_name == "lm_head"
+            fmt = lm_head if is_head else layers
+            if fmt == "w8a8":
+                setattr(module, child_name, W8A8Linear(child))
+            elif fmt == "int8":
+                setattr(module, child_name, Int8Linear(child, lm_head_dense_above if is_head else None))

@@ -4,7 +4,8 @@ The model runner describes a step once (`AttentionMetadata`, built per KV group)
 attention layer reads it from a scoped context, so a model's forward stays
 `forward(input_ids, positions)`. Tokens of the step are laid out as
     [decode tokens of D sequences][chunk of prefill seq 0][chunk of prefill seq 1]...
-Decodes run as one batched attention call; each prefill chunk runs as one call.
+Decodes run as one batched attention call (the C++ paged kernel where it built, else gather
++ SDPA); each prefill chunk runs as one call.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rillet.kernels import paged_attention
 
 
 @dataclass
@@ -27,6 +30,10 @@ class GroupMetadata:
     decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks * block_size] bool
     # prefills: (first token index, num tokens, blocks [nb], mask [1, 1, n, nb * block_size])
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+    # decodes, for the paged kernel: logical block of decode_blocks[:, 0], query positions [D] each
+    decode_first_blocks: torch.Tensor | None = None
+    decode_positions: torch.Tensor | None = None
+    window: int = 0  # sliding window of this group's layers, 0 for none
 
 
 @dataclass
@@ -59,6 +66,7 @@ class PagedAttention(nn.Module):
         # Bound by the model runner: [num_blocks, block_size, num_kv_heads, head_dim] each.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.decode_kernel = paged_attention.load()  # None: gather + SDPA
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, hd]   k, v: [T, KVH, hd]   -> [T, H * hd]
@@ -70,12 +78,21 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         d = _metadata.num_decodes
         if d:
-            assert meta.decode_blocks is not None and meta.decode_mask is not None
-            out[:d] = self._attend(q[:d].unsqueeze(2), meta.decode_blocks, meta.decode_mask).squeeze(2)
+            out[:d] = self._decode(q[:d], meta)
         for first, n, blocks, mask in meta.prefills:
             out[first:first + n] = self._attend(q[first:first + n].transpose(0, 1).unsqueeze(0),
                                                 blocks.unsqueeze(0), mask)[0].transpose(0, 1)
         return out.flatten(1)
+
+    def _decode(self, q: torch.Tensor, meta: GroupMetadata) -> torch.Tensor:
+        # q: [D, H, hd] -> [D, H, hd]
+        assert meta.decode_blocks is not None
+        if self.decode_kernel is not None and meta.decode_positions is not None:
+            assert meta.decode_first_blocks is not None
+            return self.decode_kernel(q, self.k_cache, self.v_cache, meta.decode_blocks,
+                                      meta.decode_first_blocks, meta.decode_positions, meta.window, self.scale)
+        assert meta.decode_mask is not None
+        return self._attend(q.unsqueeze(2), meta.decode_blocks, meta.decode_mask).squeeze(2)
 
     def _attend(self, q: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # q: [B, H, n, hd]   blocks: [B, nb]   mask: [B, 1, n, nb * block_size]   -> [B, H, n, hd]

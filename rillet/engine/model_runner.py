@@ -66,16 +66,16 @@ class ModelRunner:
         bs = self.block_size
         tables = [torch.tensor(s.block_tables[g], dtype=torch.long) for s in seqs]
         slots = torch.cat([t[positions_of(s) // bs] * bs + positions_of(s) % bs for s, t in zip(seqs, tables)])
-        decode_blocks = decode_mask = None
+        decode_blocks = decode_mask = decode_firsts = decode_positions = None
         if num_decodes:
             spans = [self._span(s, window) for s in seqs[:num_decodes]]
             width = max(len(r) for r in spans)
             decode_blocks = torch.zeros(num_decodes, width, dtype=torch.long)
             for i, (s, t, r) in enumerate(zip(seqs, tables, spans)):
                 decode_blocks[i, :len(r)] = t[r.start:r.stop]
-            firsts = torch.tensor([r.start for r in spans])
-            qpos = positions[:num_decodes]
-            decode_mask = _mask(firsts, width, bs, qpos.unsqueeze(1), window).unsqueeze(1).unsqueeze(1)
+            decode_firsts = torch.tensor([r.start for r in spans])
+            decode_positions = positions[:num_decodes]
+            decode_mask = _mask(decode_firsts, width, bs, decode_positions.unsqueeze(1), window)[:, None, None]
         prefills = []
         first = num_decodes
         for s, t in zip(seqs[num_decodes:], tables[num_decodes:]):
@@ -84,7 +84,8 @@ class ModelRunner:
             mask = _mask(torch.tensor([r.start]), len(r), bs, qpos, window)  # [n, keys]
             prefills.append((first, s.num_tokens, t[r.start:r.stop], mask.unsqueeze(0).unsqueeze(0)))
             first += s.num_tokens
-        return GroupMetadata(slots, decode_blocks, decode_mask, prefills)
+        return GroupMetadata(slots, decode_blocks, decode_mask, prefills, decode_firsts, decode_positions,
+                             window or 0)
 
     def _span(self, s: ScheduledSeq, window: int | None) -> range:
         """Logical blocks holding keys that some query of this chunk can see."""

@@ -1,0 +1,68 @@
+"""Decode attention read straight from the paged KV cache (C++, built on first use).
+
+The first start compiles `paged_attention.cpp` with `-O3 -march=native` into torch's extension
+cache (~/.cache/torch_extensions by default, or $TORCH_EXTENSIONS_DIR), under a name that
+includes this CPU's feature flags; later starts only load it. If the build fails, one
+warning is logged and `load()` returns None, so callers keep their pure-torch path.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+
+
+class DecodeAttention(Protocol):
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, first_blocks: torch.Tensor, q_pos: torch.Tensor,
+                 window: int, scale: float) -> torch.Tensor:
+        """q: [D, H, hd]; caches: [num_blocks, block_size, KVH, hd]; block_tables: [D, max_blocks] int64;
+        first_blocks, q_pos: [D] int64; window: 0 for none -> [D, H, hd] in q's dtype."""
+        ...
+
+
+@functools.cache
+def load() -> DecodeAttention | None:
+    """The compiled kernel, built or loaded once per process; None where it cannot be built."""
+    return build()
+
+
+def build() -> DecodeAttention | None:
+    """Compile (or load from the extension cache) the kernel; None after one warning on failure."""
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name=f"rillet_paged_attention_{_cpu_tag()}",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,  # registers torch.ops.rillet.*
+        )
+    except Exception as exc:  # no compiler, no ninja, a failed build: fall back, never crash
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        logger.warning("paged attention kernel unavailable, using the torch path: %s", first_line)
+        logger.debug("paged attention kernel build failure", exc_info=True)
+        return None
+    kernel: DecodeAttention = torch.ops.rillet.paged_decode_attention
+    return kernel
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU's feature flags, so a shared extension cache never hands a
+    -march=native build to a CPU that lacks its instructions."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), platform.processor())
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]

@@ -1,0 +1,109 @@
+"""The C++ paged decode-attention kernel equals the torch path (gather + SDPA with a mask).
+
+Random caches, shuffled physical blocks, tables padded with block 0, first logical blocks at or
+before the window's start, GQA, sliding windows, float32 and bfloat16.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from rillet.engine.attention import PagedAttention
+from rillet.engine.model_runner import _mask
+from rillet.kernels import paged_attention
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def kernel() -> paged_attention.DecodeAttention:
+    op = paged_attention.load()
+    if op is None:
+        pytest.skip("the paged attention kernel did not build here")
+    return op
+
+
+def random_tables(gen: torch.Generator, q_pos: torch.Tensor, block_size: int, window: int | None,
+                  num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """first_blocks [D] and block tables [D, max_blocks], padded with the null block 0."""
+    needed = [0 if window is None else max(0, p - window + 1) // block_size for p in q_pos.tolist()]
+    # Some rows start earlier than they need to: the kernel must mask those keys too.
+    firsts = torch.tensor([int(torch.randint(0, n + 1, (1,), generator=gen)) if i % 3 == 0 else n
+                           for i, n in enumerate(needed)])
+    lengths = q_pos // block_size - firsts + 1
+    tables = torch.zeros(len(q_pos), int(lengths.max()), dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        tables[i, :n] = torch.randperm(num_blocks - 1, generator=gen)[:n] + 1
+    return firsts, tables
+
+
+def torch_path(layer: PagedAttention, q: torch.Tensor, tables: torch.Tensor, firsts: torch.Tensor,
+               q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    block_size = layer.k_cache.shape[1]
+    mask = _mask(firsts, tables.shape[1], block_size, q_pos.unsqueeze(1), window)[:, None, None]
+    return layer._attend(q.unsqueeze(2), tables, mask).squeeze(2)
+
+
+@pytest.mark.parametrize("num_seqs", [1, 9])  # one sequence on 2+ threads: work split by query head
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 7, 24, 512])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim", "block_size"),
+                         [(4, 1, 256, 16), (4, 4, 64, 16), (8, 2, 128, 5), (2, 1, 32, 1)])
+def test_matches_torch_path(kernel: paged_attention.DecodeAttention, num_seqs: int, dtype: torch.dtype,
+                            window: int | None, num_heads: int, num_kv_heads: int, head_dim: int,
+                            block_size: int) -> None:
+    gen = torch.Generator().manual_seed(num_heads * 1000 + head_dim * 10 + block_size + (window or 0) * 7)
+    max_pos = 300
+    num_blocks = max_pos // block_size + 8
+    layer = PagedAttention(num_heads, num_kv_heads, head_dim, head_dim**-0.5, group=0)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    layer.k_cache = torch.randn(shape, generator=gen).to(dtype)
+    layer.v_cache = torch.randn(shape, generator=gen).to(dtype)
+    q_pos = torch.randint(0, max_pos, (num_seqs,), generator=gen)
+    q_pos[0] = max_pos - 1  # the longest context
+    if num_seqs > 1:
+        q_pos[1] = 0  # a single visible key
+    firsts, tables = random_tables(gen, q_pos, block_size, window, num_blocks)
+    # flat to sharp softmax: query norms vary by sequence
+    sharpness = 1 + 3 * torch.rand(num_seqs, 1, 1, generator=gen)
+    q = (torch.randn(num_seqs, num_heads, head_dim, generator=gen) * sharpness).to(dtype)
+
+    out = kernel(q, layer.k_cache, layer.v_cache, tables, firsts, q_pos, window or 0, layer.scale)
+    ref = torch_path(layer, q, tables, firsts, q_pos, window)
+    assert out.dtype == dtype and out.shape == q.shape
+    worst = (out.float() - ref.float()).abs().max().item()
+    assert worst <= TOLERANCE[dtype], f"max |difference| {worst:.2e}"
+
+
+def test_strided_query(kernel: paged_attention.DecodeAttention) -> None:
+    """q may be a view with padded rows, as a slice of a larger projection is."""
+    gen = torch.Generator().manual_seed(0)
+    layer = PagedAttention(4, 1, 64, 0.125, group=0)
+    layer.k_cache = torch.randn(8, 16, 1, 64, generator=gen)
+    layer.v_cache = torch.randn(8, 16, 1, 64, generator=gen)
+    q = torch.randn(3, 6, 64, generator=gen)[:, 1:5]
+    q_pos = torch.tensor([20, 5, 40])
+    firsts, tables = random_tables(gen, q_pos, 16, None, 8)
+    out = kernel(q, layer.k_cache, layer.v_cache, tables, firsts, q_pos, 0, layer.scale)
+    assert torch.allclose(out, torch_path(layer, q, tables, firsts, q_pos, None), atol=1e-5)
+
+
+def test_bad_block_id_raises(kernel: paged_attention.DecodeAttention) -> None:
+    cache = torch.zeros(4, 16, 1, 64)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel(torch.zeros(1, 4, 64), cache, cache, torch.tensor([[9]]), torch.tensor([0]), torch.tensor([3]), 0, 1.0)
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.WARNING, logger=paged_attention.__name__):
+        assert paged_attention.build() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "paged attention kernel unavailable, using the torch path: Ninja is required to load C++ extensions"]

@@ -111,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
     import os
 
     from rillet.server import ServerConfig
-    from rillet.server.app import run
+    from rillet.server.serve import run
 
     options = options_for(ServerConfig, args)
     if "api_key" not in options and os.environ.get("RILLET_API_KEY"):

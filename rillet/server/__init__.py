@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server behind `rillet serve`.
 
 Kept import-light: the command line builds its options from `ServerConfig` without loading
-FastAPI; `rillet.server.app.run` starts the server.
+FastAPI; `rillet.server.serve.run` starts the server.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from rillet.engine.kv_cache import allocate_kv_cache, plan_kv_cache
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.outputs import RequestOutput, SampledToken, SchedulerOutput
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
+from rillet.kernels import paged_attention
 from rillet.loaders import load_model
 from rillet.models.weight_formats import apply_quantization
 from rillet.request import FinishReason, Request
@@ -29,6 +30,7 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype = _DTYPES[config.dtype]
+        paged_attention.prefetch()
         max_len = config.max_model_len or 1 << 30
         self.model, self.model_config, self.tokenizer = load_model(model, max_len, dtype)
         self.max_model_len = min(max_len, self.model_config.max_position)

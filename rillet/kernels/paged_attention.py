@@ -11,6 +11,7 @@ import functools
 import hashlib
 import logging
 import platform
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -30,10 +31,23 @@ class DecodeAttention(Protocol):
         ...
 
 
-@functools.cache
+_lock = threading.Lock()
+
+
 def load() -> DecodeAttention | None:
     """The compiled kernel, built or loaded once per process; None where it cannot be built."""
+    with _lock:  # one build at a time, even when prefetch() is still compiling
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> DecodeAttention | None:
     return build()
+
+
+def prefetch() -> None:
+    """Start building the kernel in the background (the compiler runs while weights load)."""
+    threading.Thread(target=load, name="rillet-kernel-build", daemon=True).start()
 
 
 def build() -> DecodeAttention | None:

@@ -38,6 +38,7 @@ DEFAULT_MODEL_NAME = "gemma-3-270m"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _RETRY_AFTER_S = 1
 _M = TypeVar("_M", bound=BaseModel)
+_G = TypeVar("_G", CompletionRequest, ChatCompletionRequest)
 
 
 @dataclass
@@ -278,15 +279,24 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
 
 
-@router.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    arrival = time.monotonic()
+async def _accept(request: Request, model: type[_G]) -> tuple[ServerState, Engine, _G]:
+    """The checks every generation route makes first: engine ready, body valid, model known, fields supported."""
     state = _state(request)
     engine = state.ready_engine()
-    req = await parse_request(request, CompletionRequest)
+    req = await parse_request(request, model)
     state.check_model(req.model)
     try:
         req.check_supported()
+    except RequestError as e:
+        raise bad_request(str(e), e.param) from None
+    return state, engine, req
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    state, engine, req = await _accept(request, CompletionRequest)
+    try:
         prompt = req.single_prompt()
     except RequestError as e:
         raise bad_request(str(e), e.param) from None
@@ -300,14 +310,7 @@ async def completions(request: Request) -> Response:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     arrival = time.monotonic()
-    state = _state(request)
-    engine = state.ready_engine()
-    req = await parse_request(request, ChatCompletionRequest)
-    state.check_model(req.model)
-    try:
-        req.check_supported()
-    except RequestError as e:
-        raise bad_request(str(e), e.param) from None
+    state, engine, req = await _accept(request, ChatCompletionRequest)
     text = render_chat(state, req.messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
     # NOTE: as transformers' apply_chat_template: the template writes any BOS itself.
     prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)

@@ -15,7 +15,9 @@ Models without a template (most base models) get `DEFAULT_CHAT_TEMPLATE`: a plai
     Assistant:
 
 so a base model continues it as the assistant. The model may go on to write the next "User:"
-turn itself; send `stop: ["\\nUser:"]` to cut it there.
+turn itself; send `stop: ["\\nUser:"]` to cut it there. Contents are trimmed: a reply generated
+after "Assistant:" starts with a space, and sent back in the next turn it renders as the same
+tokens, so the follow-up's prompt extends the earlier one token for token and reuses its KV cache.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token if bos_token else '' }}"
     "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] if message['content'] is string else '' }}\n\n"
+    "{{ message['role'] | capitalize }}: {{ message['content'] | trim if message['content'] is string else '' }}\n\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )

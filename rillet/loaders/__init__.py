@@ -65,6 +65,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position
     weights = {k: v.to(dtype) if not k.endswith("norm.weight") else v for k, v in weights.items()}
     if cfg.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    weights = stack_projections(weights)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"weights do not match the {cfg.family} architecture: "
@@ -72,6 +73,24 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position
     # Rotary tables were built on the meta device: build them again for real.
     _rebuild_buffers(model, cfg, max_position)
     return model.eval()
+
+
+# Projections the models run as one GEMM: (stacked name, the checkpoint's names in order).
+_STACKED = [("self_attn.qkv.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))]
+
+
+def stack_projections(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenates q/k/v and gate/up weights (and biases) along the output dimension."""
+    out = dict(weights)
+    for name in weights:
+        for stacked, parts in _STACKED:
+            if not name.endswith(f"{parts[0]}.weight") and not name.endswith(f"{parts[0]}.bias"):
+                continue
+            prefix, _, suffix = name.rpartition(parts[0])
+            keys = [f"{prefix}{p}{suffix}" for p in parts]
+            out[f"{prefix}{stacked}{suffix}"] = torch.cat([out.pop(k) for k in keys], dim=0)
+    return out
 
 
 def _rebuild_buffers(model: nn.Module, cfg: ModelConfig, max_position: int) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from rillet.config import ModelConfig
 from rillet.engine.attention import PagedAttention
-from rillet.models.layers import GatedMLP, RMSNorm, Rotary
+from rillet.models.layers import GatedMLP, QKVProjection, RMSNorm, Rotary
 from rillet.models.registry import kv_groups
 
 
@@ -20,21 +20,15 @@ class Gemma3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, group: int) -> None:
         super().__init__()
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
-        self.q_proj = nn.Linear(cfg.hidden_size, h * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=False)
+        self.qkv = QKVProjection(cfg.hidden_size, h, kvh, hd, bias=False)
         self.o_proj = nn.Linear(h * hd, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=1.0)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=1.0)
         self.attn = PagedAttention(h, kvh, hd, cfg.attention_scale, group)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k, v = self.qkv(x)
+        q, k = rotary(positions, self.q_norm(q), self.k_norm(k))
         return self.o_proj(self.attn(q, k, v))
 
 

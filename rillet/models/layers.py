@@ -20,9 +20,9 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (self.offset + self.weight.float())).to(x.dtype)
+        w = self.weight.float()
+        w = w + self.offset if self.offset else w
+        return F.rms_norm(x.float(), w.shape, w, self.eps).to(x.dtype)
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:
@@ -71,15 +71,32 @@ class Rotary(nn.Module):
         return out
 
 
+class QKVProjection(nn.Module):
+    """q, k and v projections as one GEMM (checkpoints' q_proj/k_proj/v_proj are stacked at load)."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool) -> None:
+        super().__init__()
+        self.sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        self.shapes = [(num_heads, head_dim), (num_kv_heads, head_dim), (num_kv_heads, head_dim)]
+        self.qkv_proj = nn.Linear(hidden, sum(self.sizes), bias=bias)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # x: [T, hidden] -> q [T, heads, dim], k and v [T, kv_heads, dim] (views of one output)
+        t = x.shape[0]
+        parts = self.qkv_proj(x).split(self.sizes, dim=-1)
+        return [p.view(t, *shape) for p, shape in zip(parts, self.shapes)]
+
+
 class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up as one GEMM (stacked at load)."""
+
     def __init__(self, hidden: int, intermediate: int, act: str = "silu") -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate.mul_(up))

@@ -7,17 +7,14 @@ from torch import nn
 
 from rillet.config import ModelConfig
 from rillet.engine.attention import PagedAttention
-from rillet.models.layers import GatedMLP, RMSNorm, Rotary
+from rillet.models.layers import GatedMLP, QKVProjection, RMSNorm, Rotary
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
-        self.q_proj = nn.Linear(cfg.hidden_size, h * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
+        self.qkv = QKVProjection(cfg.hidden_size, h, kvh, hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * hd, cfg.hidden_size, bias=False)
         # Qwen 3 normalises q and k per head before rotary.
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -25,10 +22,7 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(h, kvh, hd, cfg.attention_scale, group=0)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from rillet.engine.block_pool import NULL_BLOCK, BlockPool
 from rillet.engine.prefix_cache import extend_block_hashes, window_blocks
+from rillet.engine.sink import KVShift, evict_blocks
 from rillet.request import Request
 
 
@@ -60,7 +61,7 @@ class KVCacheManager:
     def find_prefix(self, req: Request) -> PrefixHit:
         """The longest cached prefix of a new request, leaving at least one token to compute."""
         empty = PrefixHit(0, [[] for _ in self.pools])
-        if not self.enable_caching:
+        if not self.enable_caching or req.is_sink:  # sink mode moves keys in place: no shared blocks
             return empty
         hashes = self.block_hashes.setdefault(req.request_id, [])
         extend_block_hashes(hashes, req.token_ids, self.block_size, req.num_tokens - 1)
@@ -96,7 +97,7 @@ class KVCacheManager:
             tables = hit.block_tables if hit else [[] for _ in self.pools]
             start = hit.num_tokens if hit else 0
         else:
-            start = req.num_computed_tokens
+            start = req.num_kv_tokens
             self._drop_out_of_window(tables, start)
         end_blocks = cdiv(start + num_new_tokens, self.block_size)
         new = rid not in self.block_tables
@@ -128,7 +129,7 @@ class KVCacheManager:
 
     def cache_blocks(self, req: Request) -> None:
         """Make the request's newly filled blocks findable by later requests."""
-        if not self.enable_caching:
+        if not self.enable_caching or req.is_sink:
             return
         rid = req.request_id
         hashes = self.block_hashes.setdefault(rid, [])
@@ -139,6 +140,25 @@ class KVCacheManager:
                 if table[i] != NULL_BLOCK:
                     pool.register(table[i], hashes[i])
         self.num_registered[rid] = max(first, num_full)
+
+    def evict(self, req: Request, num_tokens: int) -> KVShift:
+        """Evict `num_tokens` (whole blocks) of `req`'s cached tokens right after its sinks.
+
+        The blocks between are released now; the returned shift says how the runner must move the
+        kept keys before the next forward pass. The caller updates the request's counts.
+        """
+        assert num_tokens % self.block_size == 0
+        num_sink, num_kv = req.context.num_sink_tokens, req.num_kv_tokens
+        assert num_sink + num_tokens <= num_kv, "evicting tokens that are not in the cache"
+        tables, copies = [], []
+        for pool, table in zip(self.pools, self.block_tables[req.request_id]):
+            kept, freed, copy = evict_blocks(table, num_sink, num_tokens // self.block_size, self.block_size)
+            for b in freed:
+                pool.release(b)
+            table[:] = kept
+            tables.append(list(kept))
+            copies.append(copy)
+        return KVShift(req.request_id, tables, copies, num_sink, num_kv - num_tokens, num_tokens)
 
     def free(self, req: Request) -> None:
         """Release every block of the request; its tail blocks become the first to be evicted."""

@@ -8,14 +8,14 @@ import torch
 
 from rillet.config import EngineConfig
 from rillet.engine.block_manager import KVCacheManager
-from rillet.engine.kv_cache import allocate_kv_cache, plan_kv_cache
+from rillet.engine.kv_cache import KVShifter, allocate_kv_cache, plan_kv_cache
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.outputs import RequestOutput, SampledToken, SchedulerOutput
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.kernels import paged_attention
 from rillet.loaders import load_model
 from rillet.models.weight_formats import apply_quantization
-from rillet.request import FinishReason, Request
+from rillet.request import ContextOverflow, ContextPolicy, FinishReason, Request, truncate_left
 from rillet.sampling_params import SamplingParams
 from rillet.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -38,6 +38,7 @@ class Engine:
         plan = plan_kv_cache(self.model_config, config, dtype, self.max_model_len)
         allocate_kv_cache(self.model, self.model_config, plan, config.block_size, dtype)
         self.kv_plan = plan
+        self.kv_shifter = KVShifter(self.model, self.model_config, config.block_size)
         self.kv = KVCacheManager(config.block_size, plan.num_blocks, plan.windows, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv)
@@ -52,9 +53,19 @@ class Engine:
         return (self.kv_plan.num_blocks[0] - 1) * self.config.block_size
 
     # -- requests -------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Queue a request (n choices become n sequences). Returns the prompt's token ids."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    context: ContextPolicy | None = None, score_prompt: bool = False) -> list[int]:
+        """Queue a request (n choices become n sequences). Returns the prompt's token ids (as kept).
+
+        `context` says what happens past the context limit; `score_prompt` asks for the
+        log-probability of every prompt token (in the first output).
+        """
+        context = context or ContextPolicy()
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        num_truncated = 0
+        if context.mode is ContextOverflow.TRUNCATE_LEFT:
+            kept = truncate_left(prompt_ids, params.max_tokens, self.max_model_len)
+            num_truncated, prompt_ids = len(prompt_ids) - len(kept), kept
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         params.verify_vocab(self.model_config.vocab_size)
@@ -66,7 +77,8 @@ class Engine:
             seed = None if params.seed is None else params.seed + i
             child_params = dataclasses.replace(params, n=1, seed=seed) if params.n > 1 else params
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            children.append(Request(child_id, prompt_ids, child_params, self.tokenizer.eos_token_ids))
+            children.append(Request(child_id, prompt_ids, child_params, self.tokenizer.eos_token_ids,
+                                    context=context, score_prompt=score_prompt, num_truncated_tokens=num_truncated))
         if request_id in self.children:
             raise ValueError(f"request id {request_id!r} is already in use")
         for index, req in enumerate(children):
@@ -91,7 +103,10 @@ class Engine:
         schedule = self.last_schedule = self.scheduler.schedule()
         if not schedule.seqs:
             return []
+        self.kv_shifter.apply(schedule.kv_shifts)  # sink evictions: kept keys move back
         sampled = self.runner.execute(schedule)
+        for rid, scores in self.runner.prompt_logprobs.items():
+            self.scheduler.requests[rid].prompt_logprobs.extend(scores)
         advanced = self.scheduler.update(schedule, {rid: t.token_id for rid, t in sampled.items()})
         return [self._output(req, sampled[req.request_id]) for req in advanced]
 
@@ -109,7 +124,9 @@ class Engine:
             finished=req.is_finished, finish_reason=req.finish_reason.value if req.finish_reason else None,
             stop_reason=req.stop_reason, logprobs=[token] if req.params.logprobs is not None else None,
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens,
-            num_cached_tokens=req.num_cached_tokens)
+            num_cached_tokens=req.num_cached_tokens,
+            overflow=req.overflow_report() if req.is_finished else None,
+            prompt_logprobs=[None, *req.prompt_logprobs] if req.score_prompt and req.num_output_tokens == 1 else None)
         if req.is_finished:
             self._forget(req.request_id)
         return out

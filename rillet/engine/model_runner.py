@@ -7,6 +7,7 @@ from torch import nn
 from rillet.engine.attention import AttentionMetadata, GroupMetadata, attention_context
 from rillet.engine.outputs import SampledToken, ScheduledSeq, SchedulerOutput
 from rillet.engine.sampler import Sampler, SamplingRow
+from rillet.engine.scoring import score_prompts
 
 
 class ModelRunner:
@@ -18,6 +19,7 @@ class ModelRunner:
         self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
+        self.prompt_logprobs: dict[str, list[float]] = {}  # the last step's prompt scores, per request
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
@@ -27,6 +29,8 @@ class ModelRunner:
         positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.num_tokens) for s in seqs])
         with attention_context(self._metadata(seqs, positions)):
             hidden = self.model(input_ids, positions)  # [T, hidden]
+        scored = any(s.prompt_targets for s in seqs)
+        self.prompt_logprobs = score_prompts(self.compute_logits, seqs, hidden) if scored else {}
         ends = torch.tensor([s.num_tokens for s in seqs]).cumsum(0) - 1
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         if not sampling:

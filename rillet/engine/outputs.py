@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rillet.engine.sink import KVShift
+from rillet.request import OverflowReport
 from rillet.sampling_params import SamplingParams
 
 
 @dataclass
 class ScheduledSeq:
-    """One request's share of a step: compute `token_ids` starting at `start_pos`."""
+    """One request's share of a step: compute `token_ids` starting at `start_pos` (the cache position)."""
 
     request_id: str
     token_ids: list[int]
@@ -18,6 +20,8 @@ class ScheduledSeq:
     params: SamplingParams | None = None
     prompt_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
+    # Prompt scoring: the next prompt token after each of `token_ids` (shorter at the prompt's end).
+    prompt_targets: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -32,6 +36,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq]
     preempted_ids: list[str] = field(default_factory=list)
+    kv_shifts: list[KVShift] = field(default_factory=list)  # sink evictions to apply before the step
 
     @property
     def num_scheduled_tokens(self) -> dict[str, int]:
@@ -64,3 +69,5 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    overflow: OverflowReport | None = None  # with the final output, when the context overflowed
+    prompt_logprobs: list[float | None] | None = None  # score_prompt: with the first output

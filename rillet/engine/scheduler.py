@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from rillet.engine.block_manager import KVCacheManager
 from rillet.engine.outputs import ScheduledSeq, SchedulerOutput
+from rillet.engine.sink import KVShift, max_sink_chunk, num_tokens_to_evict
 from rillet.request import FinishReason, Request, RequestStatus
 
 
@@ -34,7 +35,11 @@ class Scheduler:
 
     def add_request(self, req: Request) -> None:
         limit = self.config.max_model_len
-        if req.num_tokens >= limit:
+        if req.is_sink:
+            if self._max_sink_chunk(req) == 0:
+                raise ValueError(f"sink mode with {req.context.num_sink_tokens} sink tokens needs a larger "
+                                 f"context limit than {limit} tokens")
+        elif req.num_tokens >= limit:
             raise ValueError(f"the prompt has {req.num_tokens} tokens; the context limit is {limit}")
         peak = limit if req.params.max_tokens is None else min(limit, req.num_tokens + req.params.max_tokens)
         if not self.kv.can_ever_fit(peak, self.config.max_num_batched_tokens):
@@ -53,14 +58,19 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[Request, int] = {}
         preempted: list[str] = []
+        shifts: dict[str, KVShift] = {}
         # Streams (one token behind) first, then partial prefills, each in admission order.
         for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
             if budget == 0 or req.status is not RequestStatus.RUNNING:
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.is_sink:
+                num_new = min(num_new, self._max_sink_chunk(req))
+                self._make_room(req, num_new, shifts)
             while not self.kv.allocate(req, num_new):
                 victim = self.running[-1]  # the newest running request
                 budget += scheduled.pop(victim, 0)
+                shifts.pop(victim.request_id, None)  # its blocks are gone: nothing to move
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is req:
@@ -70,7 +80,24 @@ class Scheduler:
                 budget -= num_new
         if not preempted:
             budget = self._admit(scheduled, budget)
-        return SchedulerOutput([self._seq(req, n) for req, n in scheduled.items()], preempted)
+        return SchedulerOutput([self._seq(req, n) for req, n in scheduled.items()], preempted,
+                               list(shifts.values()))
+
+    def _max_sink_chunk(self, req: Request) -> int:
+        return max_sink_chunk(self.config.max_model_len, req.context.num_sink_tokens, self.kv.block_size,
+                              self.kv.windows)
+
+    def _make_room(self, req: Request, num_new: int, shifts: dict[str, KVShift]) -> None:
+        """Sink mode: evict the tokens after the sinks that `num_new` more would push past the limit."""
+        num_evict = num_tokens_to_evict(req.num_kv_tokens, num_new, self.config.max_model_len,
+                                        self.kv.block_size)
+        if num_evict == 0:
+            return
+        if req.first_eviction_at is None:
+            req.first_eviction_at = req.num_computed_tokens
+        shifts[req.request_id] = self.kv.evict(req, num_evict)
+        req.num_evicted_tokens += num_evict
+        req.num_evictions += 1
 
     def _admit(self, scheduled: dict[Request, int], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -78,6 +105,8 @@ class Scheduler:
             hit = self.kv.find_prefix(req) if req.num_computed_tokens == 0 else None
             start = hit.num_tokens if hit else req.num_computed_tokens
             num_new = min(req.num_tokens - start, budget)
+            if req.is_sink:
+                num_new = min(num_new, self._max_sink_chunk(req))
             if not self.kv.allocate(req, num_new, hit):
                 break
             self.waiting.popleft()
@@ -92,8 +121,10 @@ class Scheduler:
 
     def _seq(self, req: Request, num_new: int) -> ScheduledSeq:
         start = req.num_computed_tokens
-        seq = ScheduledSeq(req.request_id, req.token_ids[start:start + num_new], start,
+        seq = ScheduledSeq(req.request_id, req.token_ids[start:start + num_new], req.num_kv_tokens,
                            self.kv.get_block_tables(req.request_id))
+        if req.score_prompt and start + 1 < req.num_prompt_tokens:
+            seq.prompt_targets = req.prompt_ids[start + 1:start + num_new + 1]
         if start + num_new == req.num_tokens:
             seq.params, seq.prompt_ids, seq.output_ids = req.params, req.prompt_ids, req.output_ids
         return seq
@@ -104,6 +135,8 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
+        req.num_evicted_tokens = 0
+        req.prompt_logprobs.clear()
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)

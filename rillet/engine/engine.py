@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
+from torch import nn
 
 from rillet.config import EngineConfig
 from rillet.engine.block_manager import KVCacheManager
@@ -22,6 +24,37 @@ from rillet.tokenizer.detokenizer import IncrementalDetokenizer
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FAULT_ENV = "RILLET_INJECT_FAULT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised inside the model's forward by the fault-injection test hook."""
+
+
+def install_fault_hook(model: nn.Module, spec: str) -> None:
+    """A test hook (`RILLET_INJECT_FAULT=spec`): make the model's forward raise.
+
+    `token=ID`: every forward whose input holds token ID raises (so only the steps that prefill a
+    prompt holding it fail); `after=N`: every forward after the first N raises (the engine cannot
+    recover). Nothing is installed without the environment variable.
+    """
+    kind, _, value = spec.partition("=")
+    if kind not in ("token", "after") or not value.strip().isdigit():
+        raise ValueError(f"{FAULT_ENV} must be token=ID or after=N, got {spec!r}")
+    number, num_calls = int(value), 0
+
+    def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal num_calls
+        num_calls += 1
+        if kind == "token" and bool((args[0] == number).any()):
+            raise InjectedFault(f"injected fault: token {number} in the batch")
+        if kind == "after" and num_calls > number:
+            raise InjectedFault(f"injected fault: forward {num_calls} (after {number})")
+
+    logger.warning("fault injection is on (%s=%s): the model's forward will raise", FAULT_ENV, spec)
+    model.register_forward_pre_hook(hook)
+
+
 
 
 class Engine:
@@ -35,6 +68,8 @@ class Engine:
         self.model, self.model_config, self.tokenizer = load_model(model, max_len, dtype)
         self.max_model_len = min(max_len, self.model_config.max_position)
         apply_quantization(self.model, config.quantization, config.lm_head_quantization)
+        if os.environ.get(FAULT_ENV):
+            install_fault_hook(self.model, os.environ[FAULT_ENV])
         plan = plan_kv_cache(self.model_config, config, dtype, self.max_model_len)
         allocate_kv_cache(self.model, self.model_config, plan, config.block_size, dtype)
         self.kv_plan = plan

@@ -300,6 +300,8 @@ async def completions(request: Request) -> Response:
         prompt = req.single_prompt()
     except RequestError as e:
         raise bad_request(str(e), e.param) from None
+    if not prompt:
+        raise bad_request("The prompt is empty.", "prompt")
     prompt_ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     params = sampling_params(req, req.max_tokens, "max_tokens", req.logprobs, len(prompt_ids), engine)
     builder = CompletionBuilder(f"cmpl-{uuid.uuid4().hex}", state.model_name, params.n, params.logprobs,

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rillet.engine.outputs import RequestOutput, SampledToken
 from rillet.sampling_params import SamplingParams
@@ -99,10 +99,29 @@ class ContentPart(_Strict):
     text: str | None = None
 
 
+# OpenAI's roles, and Llama 3.1's `ipython` (tool results in its template).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
 class ChatMessage(_Strict):
     model_config = ConfigDict(strict=True, extra="allow")
     role: str
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in CHAT_ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        return role
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # NOTE: only an assistant turn may come without content (it made tool calls instead).
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def template_dict(self) -> dict[str, Any]:
         """The message as a chat template sees it: text parts joined into one string."""

@@ -23,6 +23,7 @@ from rillet.server.async_engine import AsyncEngine, EngineState
 from rillet.server.chat_template import ChatTemplate, select_chat_template
 from rillet.server.errors import APIError
 from rillet.server.metrics import ServerMetrics
+from rillet.server.openapi import openapi_schema
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def create_app(state: ServerState) -> FastAPI:
         watcher.cancel()
         await asyncio.to_thread(state.engine.stop, 30.0)
 
-    app = FastAPI(title="rillet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="rillet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.rillet = state
     errors.install(app)
     app.add_middleware(Gate, state=state)

@@ -1,6 +1,7 @@
 """Live `rillet serve` processes on tiny models, and helpers to talk to them."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -78,8 +79,9 @@ class LiveServer:
         return self.proc.returncode
 
 
-def start_server(model: TinyModel | None, log_dir: Path, *args: str, api_key: str | None = None) -> LiveServer:
-    """`rillet serve` on a tiny model (None: the embedded one), healthy and ready."""
+def start_server(model: TinyModel | None, log_dir: Path, *args: str, api_key: str | None = None,
+                 env: dict[str, str] | None = None) -> LiveServer:
+    """`rillet serve` on a tiny model (None: the embedded one), healthy and ready; `env` adds variables."""
     port = free_port()
     model_args = ["--model", str(model.hf_dir)] if model is not None else []
     cmd = [sys.executable, "-m", "rillet.cli", "serve", *model_args, "--port", str(port), *ENGINE_ARGS, *args]
@@ -87,7 +89,7 @@ def start_server(model: TinyModel | None, log_dir: Path, *args: str, api_key: st
         cmd += ["--api-key", api_key]
     log_path = log_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     name = model.hf_dir.name if model is not None else "gemma-3-270m"
     server = LiveServer(proc, f"http://127.0.0.1:{port}", name, log_path)
     if api_key is not None:

@@ -55,8 +55,6 @@ def install_fault_hook(model: nn.Module, spec: str) -> None:
     model.register_forward_pre_hook(hook)
 
 
-
-
 class Engine:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FAULT_ENV = "RILLET_INJECT_FAULT"
+STALL_S = 4.0
 
 
 class InjectedFault(RuntimeError):
@@ -36,11 +38,12 @@ def install_fault_hook(model: nn.Module, spec: str) -> None:
 
     `token=ID`: every forward whose input holds token ID raises (so only the steps that prefill a
     prompt holding it fail); `after=N`: every forward after the first N raises (the engine cannot
-    recover). Nothing is installed without the environment variable.
+    recover); `stall=ID`: a forward whose input holds token ID sleeps `STALL_S` seconds (a wedged
+    step). Nothing is installed without the environment variable.
     """
     kind, _, value = spec.partition("=")
-    if kind not in ("token", "after") or not value.strip().isdigit():
-        raise ValueError(f"{FAULT_ENV} must be token=ID or after=N, got {spec!r}")
+    if kind not in ("token", "after", "stall") or not value.strip().isdigit():
+        raise ValueError(f"{FAULT_ENV} must be token=ID, after=N or stall=ID, got {spec!r}")
     number, num_calls = int(value), 0
 
     def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -50,8 +53,10 @@ def install_fault_hook(model: nn.Module, spec: str) -> None:
             raise InjectedFault(f"injected fault: token {number} in the batch")
         if kind == "after" and num_calls > number:
             raise InjectedFault(f"injected fault: forward {num_calls} (after {number})")
+        if kind == "stall" and bool((args[0] == number).any()):
+            time.sleep(STALL_S)
 
-    logger.warning("fault injection is on (%s=%s): the model's forward will raise", FAULT_ENV, spec)
+    logger.warning("fault injection is on (%s=%s): the model's forward will fail or stall", FAULT_ENV, spec)
     model.register_forward_pre_hook(hook)
 
 

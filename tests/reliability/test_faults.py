@@ -1,9 +1,10 @@
 """Faults injected into the model's forward (`RILLET_INJECT_FAULT`): the requests of the failed step
 get a clean error, none hangs, the server goes on serving; an engine that cannot recover turns
-/health to 503."""
+/health to 503, and so does one that stops making progress."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -93,4 +94,25 @@ def test_an_engine_that_cannot_recover_turns_health_503(tiny_models: dict[str, T
         health = httpx.get(f"{server.url}/health")
         assert health.status_code == 503 and "engine failed" in str(assert_error_body(health)["message"])
         assert http.get("/metrics").status_code == 200
+    assert server.stop() == 0
+
+
+def test_a_wedged_step_turns_health_503_until_it_moves(tiny_models: dict[str, TinyModel],
+                                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    server = start_server(tiny_models["qwen3"], tmp_path_factory.mktemp("wedged"), "--stall-timeout", "1",
+                          env={FAULT_ENV: f"stall={POISON}"})
+    health: list[httpx.Response] = []
+    with ThreadPoolExecutor(1) as pool:
+        wedged = pool.submit(httpx.post, f"{server.url}/v1/completions", timeout=120,
+                             json={"model": server.model, "prompt": poisoned("d"), "max_tokens": 2})
+        while not wedged.done():  # the step sleeps STALL_S seconds, past the stall timeout
+            health.append(httpx.get(f"{server.url}/health", timeout=30))
+            time.sleep(0.1)
+        assert wedged.result().status_code == 200  # the step was slow, not broken
+    unhealthy = [h for h in health if h.status_code == 503]
+    assert unhealthy and "no progress" in str(assert_error_body(unhealthy[-1])["message"])
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.url}/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{server.url}/health").status_code == 200
     assert server.stop() == 0

@@ -177,7 +177,7 @@ REQUIRED = {"/v1/completions": "prompt", "/v1/chat/completions": "messages", "/t
 
 def build_request(raw: bytes, model: str) -> tuple[str, bytes]:
     """A route and a body: a few of its fields, each a plausible value or (1 in 6) junk; sometimes
-    the model is missing or unknown, the body corrupted, or not an object at all."""
+    the model is missing or unknown, the body corrupted, deeply nested, or not an object at all."""
     d = Draw(raw)
     path = d.choice(POST_ROUTES)
     fields = FIELDS[path]
@@ -191,6 +191,9 @@ def build_request(raw: bytes, model: str) -> tuple[str, bytes]:
     if kind == 14:  # cut or corrupt the bytes
         cut = d.integer(0, len(data))
         data = data[:cut] + bytes([d.byte()]) * (d.byte() % 2) + data[cut + 1:]
+    if kind == 13:  # nest it deeply
+        depth = d.integer(1, 5000)
+        data = b"[" * depth + data + b"]" * depth
     return path, data
 
 

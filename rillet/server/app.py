@@ -101,6 +101,10 @@ def parse(model: type[_M], body: bytes) -> _M:
             from None
     except UnicodeEncodeError:
         raise bad_request("The request holds a string that is not valid Unicode (a lone surrogate).") from None
+    except ValueError:  # Python reads no integer of over 4300 digits
+        raise bad_request("The request body holds a number with too many digits.") from None
+    except RecursionError:
+        raise bad_request("The request body nests arrays or objects too deeply.") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
     try:

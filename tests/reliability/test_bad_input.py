@@ -56,6 +56,13 @@ CLASSES: dict[str, list[Bad]] = {
     "non-object-body": [raw(b"[1, 2]"), raw(b'"a prompt"'), raw(b"42"), raw(b"null"), raw(b"true"),
                         raw(b"[]", CHAT), raw(b'"x"', TOKENIZE)],
     "empty-body": [raw(b""), raw(b"", CHAT), raw(b"   ")],
+    "deeply-nested-json": [raw(b"[" * 100_000 + b"]" * 100_000),
+                           raw(b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+                           raw(b'{"messages": [{"role": "user", "content": "x"}], "tools": ['
+                               + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"]}", CHAT)],
+    "huge-numbers": [raw(b'{"prompt": [' + b"9" * 5000 + b"]}"),
+                     raw(b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}"),
+                     Bad(COMPLETIONS, raw=b'{"prompt": "a", "temperature": 1e400}', param="temperature")],
     "invalid-utf8": [raw(b'{"prompt": "\xff\xfe"}'), raw(b'{"prompt": "\xc3"}'), raw(b'{"prompt": "\xed\xa0\x80"}'),
                      raw(b'{"messages": [{"role": "user", "content": "\xe2\x82"}]}', CHAT)],
     "lone-surrogate": [raw(b'{"prompt": "\\ud800"}'), raw(b'{"prompt": "a\\udfffb"}'),

@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from rillet.engine.policy import QoETarget, ReaderClock
 from rillet.sampling_params import SamplingParams
 
 
@@ -70,6 +71,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     context: ContextPolicy = field(default_factory=ContextPolicy)
     score_prompt: bool = False  # compute the log-probability of every prompt token
+    qoe: QoETarget | None = None  # the reader's expectations (None: the scheduler's default)
+    priority: int = 0  # the priority policy serves lower numbers first
+    tenant: str = ""  # who sent it (API key or `user`), for fair sharing between tenants
     # token_ids = prompt_ids + generated ids
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
@@ -87,8 +91,15 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
 
+    # Streaming: when each output token was produced, and the reader those tokens feed.
+    token_times: list[float] = field(default_factory=list)
+    reader: ReaderClock | None = None
+    served_last_step: bool = False
+
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
+        if self.qoe is not None:
+            self.reader = ReaderClock(self.qoe, self.arrival_time)
 
     @property
     def num_tokens(self) -> int:

@@ -25,7 +25,7 @@ PROMPTS = [
     "东京是日本的", "To install the package, run", "The stock market today", "Rivers flow toward",
 ]
 # (dtype, decoder quantization, LM-head quantization)
-FORMATS = [("bfloat16", "none", "none"), ("float32", "none", "w8a8"), ("float32", "int8", "int8"),
+FORMATS = [("float32", "none", "w8a8"), ("bfloat16", "none", "none"), ("bfloat16", "none", "w8a8"),
            ("float32", "int8", "w8a8"), ("bfloat16", "int8", "w8a8"), ("float32", "w8a8", "w8a8")]
 
 

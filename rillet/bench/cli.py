@@ -51,8 +51,9 @@ def _mix(text: str) -> ReadingSpeedMix:
 def add_bench_options(p: argparse.ArgumentParser) -> None:
     server = p.add_argument_group("servers")
     server.add_argument("--url", required=True, help="base URL of the server, e.g. http://127.0.0.1:8000")
-    server.add_argument("--compare", metavar="URL", default=None,
-                        help="a second server, sent the same schedule after the first; ratios are first / second")
+    server.add_argument("--compare", metavar="URL", action="append", default=None,
+                        help="another server, sent the same schedule after the first (repeatable); "
+                             "ratios are first / each other")
     server.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     server.add_argument("--api", choices=("completions", "chat"), default="completions",
                         help="stream /v1/completions or /v1/chat/completions (default: completions)")
@@ -165,7 +166,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     slo = SLO(args.slo_ttft if args.slo_ttft is not None else args.ttft_target,
               args.slo_tpot if args.slo_tpot is not None else 1.0 / args.reading_speed)
-    urls = [args.url] + ([args.compare] if args.compare else [])
+    urls = [args.url] + list(args.compare or [])
     got = _Collected(_labels(urls))
     print(_describe(args, args.num_requests))
     for arr, specs in zip(arrivals, schedules):

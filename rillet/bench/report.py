@@ -122,14 +122,15 @@ def _value(summary: dict[str, Any], key: str, stat: str | None) -> float:
 
 
 def format_table(summaries: list[dict[str, Any]], labels: list[str]) -> str:
-    """Metrics down, servers across; with two servers, a last column of first ÷ second."""
-    header = ["", *labels] + (["ratio"] if len(summaries) == 2 else [])
-    rows = [header, ["requests ok", *(f"{s['num_ok']}/{s['num_requests']}" for s in summaries)]]
+    """Metrics down, servers across; then the ratio of the first to each other server."""
+    ratio_names = ["ratio"] if len(labels) == 2 else [f"1st/{lab}" for lab in labels[1:]]
+    header = ["", *labels, *ratio_names]
+    rows = [header, ["requests ok", *(f"{s['num_ok']}/{s['num_requests']}" for s in summaries), *[""] * len(ratio_names)]]
     for label, key, stat, fmt in _ROWS:
         values = [_value(s, key, stat) for s in summaries]
         row = [label, *(fmt.format(v) for v in values)]
-        if len(values) == 2:
-            row.append(f"{values[0] / values[1]:.2f}x" if values[1] and math.isfinite(values[1]) else "-")
+        for other in values[1:]:
+            row.append(f"{values[0] / other:.2f}x" if other and math.isfinite(other) else "-")
         rows.append(row)
     return _grid(rows)
 

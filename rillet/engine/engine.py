@@ -14,6 +14,7 @@ from rillet.engine.block_manager import KVCacheManager
 from rillet.engine.kv_cache import KVShifter, allocate_kv_cache, plan_kv_cache
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.outputs import RequestOutput, SampledToken, SchedulerOutput
+from rillet.engine.policy import PolicyConfig, QoETarget, SchedulingPolicy
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.kernels import paged_attention
 from rillet.loaders import load_model
@@ -79,7 +80,11 @@ class Engine:
         self.kv_shifter = KVShifter(self.model, self.model_config, config.block_size)
         self.kv = KVCacheManager(config.block_size, plan.num_blocks, plan.windows, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv)
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
+                            policy=PolicyConfig(SchedulingPolicy(config.scheduling_policy),
+                                                fair_tenants=config.fairness == "tenant"),
+                            default_qoe=QoETarget(config.qoe_ttft_s, config.qoe_tokens_per_s),
+                            max_stall_s=config.max_stall_ms / 1000 if config.max_stall_ms else None), self.kv)
         self.runner = ModelRunner(self.model, config.block_size, plan.windows, self.tokenizer.eos_token_ids)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.parents: dict[str, tuple[str, int]] = {}  # child request id -> (request id, choice index)
@@ -92,7 +97,8 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    context: ContextPolicy | None = None, score_prompt: bool = False) -> list[int]:
+                    context: ContextPolicy | None = None, score_prompt: bool = False,
+                    qoe: QoETarget | None = None, priority: int = 0, tenant: str = "") -> list[int]:
         """Queue a request (n choices become n sequences). Returns the prompt's token ids (as kept).
 
         `context` says what happens past the context limit; `score_prompt` asks for the
@@ -116,7 +122,8 @@ class Engine:
             child_params = dataclasses.replace(params, n=1, seed=seed) if params.n > 1 else params
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(Request(child_id, prompt_ids, child_params, self.tokenizer.eos_token_ids,
-                                    context=context, score_prompt=score_prompt, num_truncated_tokens=num_truncated))
+                                    context=context, score_prompt=score_prompt, num_truncated_tokens=num_truncated,
+                                    qoe=qoe, priority=priority, tenant=tenant))
         if request_id in self.children:
             raise ValueError(f"request id {request_id!r} is already in use")
         for index, req in enumerate(children):
@@ -142,7 +149,9 @@ class Engine:
         if not schedule.seqs:
             return []
         self.kv_shifter.apply(schedule.kv_shifts)  # sink evictions: kept keys move back
+        start = time.perf_counter()
         sampled = self.runner.execute(schedule)
+        self.scheduler.observe_step(schedule, time.perf_counter() - start)
         for rid, scores in self.runner.prompt_logprobs.items():
             self.scheduler.requests[rid].prompt_logprobs.extend(scores)
         advanced = self.scheduler.update(schedule, {rid: t.token_id for rid, t in sampled.items()})

@@ -5,14 +5,21 @@ catching up with its token count, and a step gives each request some tokens of t
 Running requests go first (those one token behind, the streams, before partial prefills),
 then waiting requests are admitted with whatever budget is left, so a long prompt is
 prefilled in chunks while the streams keep receiving a token every step.
+
+Within that, a policy (policy.py) decides who goes first when not everyone fits: fcfs, priority,
+or qoe (least slack first; streams far ahead of their readers pause). With a stall target, the
+prefill tokens of a step are capped so that the step, and so every stream's gap, stays under it.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from rillet.engine.block_manager import KVCacheManager
 from rillet.engine.outputs import ScheduledSeq, SchedulerOutput
+from rillet.engine.policy import Candidate, Policy, PolicyConfig, QoETarget, ReaderClock, SchedulingPolicy, StepTimeModel
 from rillet.engine.sink import KVShift, max_sink_chunk, num_tokens_to_evict
 from rillet.request import FinishReason, Request, RequestStatus
 
@@ -22,12 +29,19 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_num_seqs: int
     max_model_len: int
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    default_qoe: QoETarget = field(default_factory=QoETarget)
+    max_stall_s: float | None = None  # cap prefill per step so streams' gaps stay under this
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.kv = kv
+        self.clock = clock
+        self.policy = Policy(config.policy)
+        self.step_time = StepTimeModel()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -47,6 +61,9 @@ class Scheduler:
                              "lower max_tokens or give the cache more memory")
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.reader is None:
+            req.reader = ReaderClock(req.qoe or self.config.default_qoe, req.arrival_time)
+        self.policy.counters.activate(req.tenant, (r.tenant for r in self.requests.values()))
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -55,20 +72,33 @@ class Scheduler:
 
     # -- one step -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        now = self.clock()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[Request, int] = {}
         preempted: list[str] = []
         shifts: dict[str, KVShift] = {}
-        # Streams (one token behind) first, then partial prefills, each in admission order.
-        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+        paused = self.policy.paused([self._candidate(r) for r in self.running],
+                                    [self._candidate(r) for r in self.waiting],
+                                    self.config.max_num_seqs - len(self.running), now)
+        # Batch slots: at most max_num_seqs requests per step, in the policy's order (under qoe
+        # more may be running, the furthest ahead of their readers holding KV but no slot).
+        ranked = sorted((r for r in self.running if r.request_id not in paused), key=lambda r: self._rank(r, now))
+        served = ranked[:self.config.max_num_seqs]
+        num_streams = sum(1 for r in served if r.num_tokens - r.num_computed_tokens == 1)
+        prefill_cap = self._prefill_cap(num_streams)
+        # Streams (one token behind) first, then partial prefills, each in the policy's order.
+        for req in sorted(served, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
             if budget == 0 or req.status is not RequestStatus.RUNNING:
                 continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            remaining = req.num_tokens - req.num_computed_tokens
+            num_new = min(remaining, budget if remaining == 1 else min(budget, prefill_cap))
+            if num_new == 0:
+                continue
             if req.is_sink:
                 num_new = min(num_new, self._max_sink_chunk(req))
                 self._make_room(req, num_new, shifts)
             while not self.kv.allocate(req, num_new):
-                victim = self.running[-1]  # the newest running request
+                victim = self._victim(now)
                 budget += scheduled.pop(victim, 0)
                 shifts.pop(victim.request_id, None)  # its blocks are gone: nothing to move
                 self._preempt(victim)
@@ -78,8 +108,12 @@ class Scheduler:
             else:
                 scheduled[req] = num_new
                 budget -= num_new
+                if remaining > 1:
+                    prefill_cap -= num_new
         if not preempted:
-            budget = self._admit(scheduled, budget)
+            budget = self._admit(scheduled, min(budget, prefill_cap), now, len(paused))
+        for req in self.running:
+            req.served_last_step = req in scheduled
         return SchedulerOutput([self._seq(req, n) for req, n in scheduled.items()], preempted,
                                list(shifts.values()))
 
@@ -99,9 +133,49 @@ class Scheduler:
         req.num_evicted_tokens += num_evict
         req.num_evictions += 1
 
-    def _admit(self, scheduled: dict[Request, int], budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+    # -- policy ---------------------------------------------------------------------------------
+    def _candidate(self, req: Request) -> Candidate:
+        return Candidate(req.request_id, req.arrival_time, req.priority, req.tenant, req.reader,
+                         req.served_last_step)
+
+    def _rank(self, req: Request, now: float) -> tuple[float, ...]:
+        return self.policy.rank(self._candidate(req), now)
+
+    def _victim(self, now: float) -> Request:
+        """The running request to preempt when blocks run out."""
+        if self.policy.config.policy is SchedulingPolicy.FCFS and not self.policy.config.fair_tenants:
+            return self.running[-1]  # the newest running request
+        rid = self.policy.victim([self._candidate(r) for r in self.running], now)
+        return self.requests[rid]
+
+    def _prefill_cap(self, num_streams: int) -> int:
+        """Most prompt tokens this step may carry without stalling `num_streams` streams past the target."""
+        budget = self.config.max_num_batched_tokens
+        if self.config.max_stall_s is None or num_streams == 0:
+            return budget
+        cap = self.step_time.max_prefill_tokens(num_streams + 1, self.config.max_stall_s)
+        return budget if cap is None else min(budget, max(cap, self.kv.block_size))
+
+    def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
+        """The model's time for `out`: teaches the step-time model behind the stall bound."""
+        num_prefill = sum(s.num_tokens for s in out.seqs if s.num_tokens > 1)
+        self.step_time.observe(len(out.seqs), num_prefill, seconds)
+
+    def _admission_order(self, now: float) -> list[Request]:
+        if self.policy.config.policy is SchedulingPolicy.FCFS and not self.policy.config.fair_tenants:
+            return list(self.waiting)
+        return sorted(self.waiting, key=lambda r: self._rank(r, now))
+
+    def _admit(self, scheduled: dict[Request, int], budget: int, now: float = 0.0, num_paused: int = 0) -> int:
+        # NOTE: under qoe, paused streams hold KV but no batch slot: up to max_num_seqs are served
+        # per step, and up to 4x that may be admitted while their readers have text buffered.
+        qoe = self.policy.config.policy is SchedulingPolicy.QOE
+        max_running = 4 * self.config.max_num_seqs if qoe else self.config.max_num_seqs
+        for req in self._admission_order(now):
+            if budget <= 0 or len(scheduled) >= self.config.max_num_seqs or len(self.running) >= max_running:
+                break
+            if qoe and len(self.running) - num_paused >= self.config.max_num_seqs:
+                break
             hit = self.kv.find_prefix(req) if req.num_computed_tokens == 0 else None
             start = hit.num_tokens if hit else req.num_computed_tokens
             num_new = min(req.num_tokens - start, budget)
@@ -109,7 +183,7 @@ class Scheduler:
                 num_new = min(num_new, self._max_sink_chunk(req))
             if not self.kv.allocate(req, num_new, hit):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             req.num_computed_tokens = start
             if req.num_preemptions == 0:
                 req.num_cached_tokens = start
@@ -148,15 +222,21 @@ class Scheduler:
         Returns the requests that received a token this step.
         """
         advanced = []
+        now = self.clock()
         for seq in out.seqs:
             req = self.requests.get(seq.request_id)
             if req is None or req.is_finished:  # aborted while the step ran
                 continue
             req.num_computed_tokens += seq.num_tokens
             self.kv.cache_blocks(req)
-            if seq.request_id not in sampled:
+            samples = seq.request_id in sampled
+            self.policy.counters.charge(req.tenant, seq.num_tokens - samples, int(samples))
+            if not samples:
                 continue
             req.append_token(sampled[seq.request_id])
+            req.token_times.append(now)
+            if req.reader is not None:
+                req.reader.deliver(now)
             advanced.append(req)
             reason = req.check_stop(self.config.max_model_len)
             if reason is not None:

@@ -1,6 +1,8 @@
 """Faster weight formats for the linear layers, applied after loading.
 
-- "none": weights stay in the engine dtype (float32 is the exact path the parity tests use);
+- "none": weights stay in the engine dtype (float32 is the exact path the parity tests use).
+  bfloat16 weights are packed once into oneDNN's blocked layout (PackedLinear): plain bf16
+  F.linear re-blocks the weight on every call, which made it no faster than fp32 here;
 - "int8": weight-only int8 with one scale per output channel, multiplied by
   torch._weight_int8pack_mm. Small batches are bound by reading weights, so halving their
   bytes pays; the LM head keeps its bf16/fp32 copy too and uses it for larger batches,
@@ -24,6 +26,31 @@ def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per row: w ~ q * scale[:, None]."""
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class PackedLinear(nn.Module):
+    """bf16 linear with its weight packed once for oneDNN's bf16 GEMM (AVX-512 BF16).
+
+    Measured here at 1 row: 45 us against 99 us for F.linear in bf16 and 76 us in fp32 for a
+    2048 x 640 weight; the 262,144 x 640 LM head: 15 ms against 21 ms (bf16) at 1 row,
+    69 ms against 82 ms at 32 rows.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+
+    @staticmethod
+    def supported(linear: nn.Linear) -> bool:
+        return linear.weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] (bf16) -> [..., out]
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class Int8Linear(nn.Module):
@@ -127,3 +154,5 @@ def apply_quantization(model: nn.Module, layers: str, lm_head: str, lm_head_dens
                 setattr(module, child_name, RescoredHead(child) if is_head else W8A8Linear(child))
             elif fmt == "int8":
                 setattr(module, child_name, Int8Linear(child, lm_head_dense_above if is_head else None))
+            elif PackedLinear.supported(child):
+                setattr(module, child_name, PackedLinear(child))

@@ -25,8 +25,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from rillet.engine.policy import QoETarget
 from rillet.engine.engine import Engine
 from rillet.engine.outputs import RequestOutput
+from rillet.request import ContextPolicy
 from rillet.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,11 @@ class AddRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    qoe: QoETarget | None = None  # the reader's expectations (None: the server's default)
+    priority: int = 0
+    tenant: str = ""
+    context: ContextPolicy | None = None  # past the context limit (None: error)
+    score_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,9 @@ class AsyncEngine:
     def num_streams(self) -> int:
         return len(self._streams)
 
-    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                  qoe: QoETarget | None = None, priority: int = 0, tenant: str = "",
+                  context: ContextPolicy | None = None, score_prompt: bool = False) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises `RequestRejected`."""
         if self.state is not EngineState.READY:
             raise RequestRejected(Rejected(RejectReason.UNAVAILABLE, self.unavailable_message()))
@@ -230,7 +239,8 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         events: asyncio.Queue[Event] = asyncio.Queue()
         self._streams[request_id] = events
-        self._inbox.put(AddRequest(request_id, prompt_ids, params))
+        self._inbox.put(AddRequest(request_id, prompt_ids, params, qoe, priority, tenant,
+                                   context=context, score_prompt=score_prompt))
         try:
             first = await events.get()
         except asyncio.CancelledError:
@@ -330,7 +340,9 @@ class AsyncEngine:
         if len(engine.scheduler.waiting) + msg.params.n > self.max_queued_requests:
             return Rejected(RejectReason.QUEUE_FULL, f"the waiting queue is full ({self.max_queued_requests})")
         try:
-            return Accepted(engine.add_request(msg.request_id, msg.prompt_ids, msg.params))
+            return Accepted(engine.add_request(msg.request_id, msg.prompt_ids, msg.params, context=msg.context,
+                                               score_prompt=msg.score_prompt, qoe=msg.qoe,
+                                               priority=msg.priority, tenant=msg.tenant))
         except SamplingParamsError as e:
             return Rejected(RejectReason.INVALID, str(e), e.param)
         except ValueError as e:

@@ -14,7 +14,10 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from rillet.bench.qoe import QoETarget as BenchTarget
+from rillet.bench.qoe import displayed_times, qoe
 from rillet.engine.outputs import RequestOutput
+from rillet.engine.policy import QoETarget
 from rillet.server.async_engine import EngineStats
 
 logger = logging.getLogger("rillet.server.requests")
@@ -22,6 +25,7 @@ disable_created_metrics()  # no `*_created` series: they double the output and n
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_QOE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -55,7 +59,10 @@ def _per_group(name: str, doc: str, values: tuple[int, ...]) -> GaugeMetricFamil
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], default_qoe: QoETarget | None = None,
+                 stall_s: float = 0.2) -> None:
+        self.default_qoe = default_qoe or QoETarget()
+        self.stall_s = stall_s
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("rillet_requests", "finished requests by finish reason", ["finish_reason"],
@@ -68,19 +75,36 @@ class ServerMetrics:
                              buckets=_E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("rillet_prompt_tokens", "prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("rillet_generation_tokens", "tokens generated", registry=r)
+        self.qoe = Histogram("rillet_request_qoe", "Andes QoE of each finished choice against its reader's "
+                             "target (server clock)", buckets=_QOE_BUCKETS, registry=r)
+        self.stalls = Counter("rillet_stalls", "inter-token gaps longer than the stall target", registry=r)
+        self.behind_pace = Counter("rillet_behind_pace_seconds", "time readers waited for text beyond their "
+                                   "expected pace (a late first token, then an empty screen)", registry=r)
         r.register(_EngineCollector(stats))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def _time_behind(times: list[float], target: BenchTarget) -> float:
+    """Seconds a reader of tokens arriving at `times` waited beyond the expected pace."""
+    waited = max(0.0, times[0] - target.ttft_s) if times else 0.0
+    interval = 1.0 / target.reading_speed
+    for shown, t in zip(displayed_times(times, target.reading_speed), times[1:]):
+        waited += max(0.0, t - (shown + interval))
+    return waited
+
+
 class RequestTimer:
     """Times one request from arrival to its last choice, then counts and logs it once."""
 
-    def __init__(self, metrics: ServerMetrics, request_id: str, arrival: float) -> None:
+    def __init__(self, metrics: ServerMetrics, request_id: str, arrival: float,
+                 qoe: QoETarget | None = None) -> None:
         self.metrics = metrics
         self.request_id = request_id
         self.arrival = arrival
+        self.target = qoe or metrics.default_qoe
+        self._times: dict[int, list[float]] = {}  # choice -> token arrival times since `arrival`
         self.num_prompt_tokens = 0
         self.n = 1
         self.first_token_at: float | None = None
@@ -101,8 +125,12 @@ class RequestTimer:
                 self.first_token_at = now
                 self.metrics.ttft.observe(now - self.arrival)
             elif out.index in self._last_at:
-                self.metrics.itl.observe(now - self._last_at[out.index])
+                gap = now - self._last_at[out.index]
+                self.metrics.itl.observe(gap)
+                if gap > self.metrics.stall_s:
+                    self.metrics.stalls.inc()
             self._last_at[out.index] = now
+            self._times.setdefault(out.index, []).extend([now - self.arrival] * len(out.new_token_ids))
             self.metrics.generation_tokens.inc(len(out.new_token_ids))
         self._num_output[out.index] = max(self._num_output.get(out.index, 0), out.num_output_tokens)
         if out.finished and out.finish_reason:
@@ -117,6 +145,11 @@ class RequestTimer:
         reason = self._reason(failed)
         self.metrics.requests.labels(finish_reason=reason).inc()
         self.metrics.e2e.observe(now - self.arrival)
+        if reason in ("stop", "length"):
+            target = BenchTarget(self.target.ttft_s, self.target.tokens_per_s)
+            for times in self._times.values():
+                self.metrics.qoe.observe(qoe(times, target))
+                self.metrics.behind_pace.inc(_time_behind(times, target))
         ttft = f"{self.first_token_at - self.arrival:.3f} s" if self.first_token_at is not None else "-"
         logger.info("%s: prompt %d tokens, output %d tokens, ttft %s, total %.3f s, finish %s",
                     self.request_id, self.num_prompt_tokens, sum(self._num_output.values()), ttft,

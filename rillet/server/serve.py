@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rillet.config import EngineConfig
+from rillet.engine.policy import QoETarget
 from rillet.engine.engine import Engine
 from rillet.server import ServerConfig, errors
 from rillet.server.app import DEFAULT_MODEL_NAME, ServerState, router
@@ -164,7 +165,9 @@ def run(model: str | None, engine_config: EngineConfig, config: ServerConfig) ->
     engine = AsyncEngine(lambda: _load(model, engine_config, config, state, template_source),
                          config.max_queued_requests, config.stall_timeout)
     names = served_names(model, config.served_model_name)
-    state = ServerState(config, engine, names, ServerMetrics(lambda: engine.stats))
+    metrics = ServerMetrics(lambda: engine.stats, QoETarget(engine_config.qoe_ttft_s, engine_config.qoe_tokens_per_s),
+                            (engine_config.max_stall_ms or 200.0) / 1000)
+    state = ServerState(config, engine, names, metrics)
     uv_config = uvicorn.Config(create_app(state), host=config.host, port=config.port, access_log=False,
                                log_level="info", timeout_graceful_shutdown=10, lifespan="on")
     DrainingServer(uv_config, state).run()

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import Receive
 
 from rillet.engine.engine import Engine
+from rillet.request import ContextPolicy
 from rillet.sampling_params import SamplingParams, SamplingParamsError
 from rillet.server import ServerConfig, errors
 from rillet.server.async_engine import (AsyncEngine, EngineFailure, EngineState, RejectReason, RequestRejected,
@@ -125,6 +126,13 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
     Without max_tokens, generation may fill the context, or as much of it as the KV cache can hold.
     """
     limit = engine.max_model_len
+    overflow = req.context_overflow or "error"
+    if overflow == "sink":  # any length: the cache keeps the sinks and a recent window
+        return _checked(req, max_tokens, max_tokens_param, logprobs, engine)
+    if overflow == "truncate_left":  # the engine cuts the prompt to leave room for max_tokens
+        if max_tokens is None:
+            max_tokens = limit // 4
+        return _checked(req, max_tokens, max_tokens_param, logprobs, engine)
     if num_prompt_tokens >= limit:
         raise bad_request(f"The prompt has {num_prompt_tokens} tokens; this model's context limit is {limit}.",
                           "messages" if isinstance(req, ChatCompletionRequest) else "prompt")
@@ -142,6 +150,26 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
                           f" were requested ({num_prompt_tokens} in the prompt, {params.max_tokens} to generate); "
                           f"lower {max_tokens_param}.", max_tokens_param)
     return params
+
+
+def _checked(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, max_tokens_param: str,
+             logprobs: int | None, engine: Engine) -> SamplingParams:
+    try:
+        params = req.sampling_params(max_tokens, logprobs)
+        params.verify_vocab(engine.model_config.vocab_size)
+    except SamplingParamsError as e:
+        raise bad_request(str(e), max_tokens_param if e.param == "max_tokens" else e.param) from None
+    if max_tokens is not None and req.context_overflow == "truncate_left" and max_tokens >= engine.max_model_len:
+        raise bad_request(f"This model's context limit is {engine.max_model_len} tokens; {max_tokens_param}="
+                          f"{max_tokens} leaves no room for the prompt.", max_tokens_param)
+    return params
+
+
+def context_policy(req: CompletionRequest | ChatCompletionRequest) -> ContextPolicy:
+    try:
+        return req.context_policy()
+    except RequestError as e:
+        raise bad_request(str(e), e.param) from None
 
 
 def render_chat(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
@@ -222,13 +250,16 @@ async def generate(request: Request, builder: ResponseBuilder, prompt_ids: list[
     state = _state(request)
     timer = RequestTimer(state.metrics, builder.request_id, arrival)
     try:
-        handle = await state.engine.add(builder.request_id, prompt_ids, params)
+        handle = await state.engine.add(builder.request_id, prompt_ids, params, context=builder.context,
+                                        score_prompt=builder.want_logprobs and builder.echo_text is not None)
     except RequestRejected as e:
         raise _rejection(e, state) from None
     except EngineFailure as e:
         raise errors.internal(str(e)) from None
     timer.accepted(len(handle.prompt_ids), params.n)
     builder.num_prompt_tokens = len(handle.prompt_ids)
+    if isinstance(builder, CompletionBuilder):
+        builder.echo_prompt_ids = handle.prompt_ids
     if stream:
         return StreamingResponse(_stream(handle, builder, timer, include_usage), media_type="text/event-stream",
                                  headers=_SSE_HEADERS)
@@ -310,6 +341,9 @@ async def completions(request: Request) -> Response:
     params = sampling_params(req, req.max_tokens, "max_tokens", req.logprobs, len(prompt_ids), engine)
     builder = CompletionBuilder(f"cmpl-{uuid.uuid4().hex}", state.model_name, params.n, params.logprobs,
                                 engine.tokenizer.token_bytes)
+    builder.context = context_policy(req)
+    if req.echo:
+        builder.echo_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt_ids)
     return await generate(request, builder, prompt_ids, params, bool(req.stream), req.include_usage, arrival)
 
 
@@ -324,6 +358,7 @@ async def chat_completions(request: Request) -> Response:
     params = sampling_params(req, req.requested_max_tokens, max_param, req.num_logprobs, len(prompt_ids), engine)
     builder = ChatBuilder(f"chatcmpl-{uuid.uuid4().hex}", state.model_name, params.n, params.logprobs,
                           engine.tokenizer.token_bytes)
+    builder.context = context_policy(req)
     return await generate(request, builder, prompt_ids, params, bool(req.stream), req.include_usage, arrival)
 
 

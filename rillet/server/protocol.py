@@ -5,6 +5,7 @@ ranges are checked once, by `SamplingParams`, so the server and the Python API a
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rillet.engine.outputs import RequestOutput, SampledToken
+from rillet.request import ContextOverflow, ContextPolicy, OverflowReport
 from rillet.sampling_params import SamplingParams
 
 
@@ -53,6 +55,19 @@ class _GenerationRequest(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Past the context limit: refuse (error), cut the prompt's start (truncate_left), or keep
+    # the first tokens and a recent window (sink, StreamingLLM).
+    context_overflow: Literal["error", "truncate_left", "sink"] | None = None
+    num_sink_tokens: int | None = None
+
+    def context_policy(self) -> ContextPolicy:
+        if self.num_sink_tokens is not None and self.context_overflow != "sink":
+            raise RequestError("num_sink_tokens", 'num_sink_tokens needs "context_overflow": "sink"')
+        try:
+            return ContextPolicy(ContextOverflow(self.context_overflow or "error"),
+                                 *(() if self.num_sink_tokens is None else (self.num_sink_tokens,)))
+        except ValueError as e:
+            raise RequestError("num_sink_tokens", str(e)) from None
 
     @property
     def include_usage(self) -> bool:
@@ -85,8 +100,6 @@ class CompletionRequest(_GenerationRequest):
         raise RequestError("prompt", "batches of prompts are not supported; send one prompt per request")
 
     def check_supported(self) -> None:
-        if self.echo:
-            raise RequestError("echo", "echo is not supported")
         if self.suffix:
             raise RequestError("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
@@ -203,12 +216,27 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class ContextOverflowInfo(BaseModel):
+    """What the choice lost to the context limit (with context_overflow truncate_left or sink)."""
+
+    mode: str
+    num_truncated_tokens: int = 0
+    num_evicted_tokens: int = 0
+    num_evictions: int = 0
+    first_eviction_at: int | None = None
+
+    @classmethod
+    def of(cls, report: OverflowReport | None) -> ContextOverflowInfo | None:
+        return None if report is None else cls(**dataclasses.asdict(report))
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    context_overflow: ContextOverflowInfo | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -247,6 +275,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    context_overflow: ContextOverflowInfo | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -264,6 +293,7 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    context_overflow: ContextOverflowInfo | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -309,6 +339,7 @@ class _Choice:
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.overflow: OverflowReport | None = None
 
 
 class ResponseBuilder:
@@ -324,6 +355,7 @@ class ResponseBuilder:
         self.choices = [_Choice() for _ in range(n)]
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
+        self.context = ContextPolicy()
 
     def add(self, out: RequestOutput) -> None:
         c = self.choices[out.index]
@@ -332,6 +364,7 @@ class ResponseBuilder:
         c.num_output_tokens = max(c.num_output_tokens, out.num_output_tokens)
         if out.finished:
             c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+            c.overflow = out.overflow
         self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
 
@@ -359,15 +392,33 @@ class ResponseBuilder:
 
 
 class CompletionBuilder(ResponseBuilder):
+    # echo: the prompt's text and ids, put before each choice's first output
+    echo_text: str | None = None
+    echo_prompt_ids: list[int] = []
+
+    def add(self, out: RequestOutput) -> None:
+        super().add(self._echo(out))
+
+    def _echo(self, out: RequestOutput) -> RequestOutput:
+        """The choice's first output with the prompt (and its logprobs, if scored) in front."""
+        if self.echo_text is None or self.choices[out.index].text or self.choices[out.index].logprobs:
+            return out
+        scores = out.prompt_logprobs or []
+        prompt = [SampledToken(t, lp, []) for t, lp in zip(self.echo_prompt_ids, scores)]
+        return dataclasses.replace(out, text=self.echo_text + out.text,
+                                   logprobs=prompt + (out.logprobs or []) if out.logprobs is not None else None)
+
     def chunk(self, out: RequestOutput) -> BaseModel | None:
         offset = len(self.choices[out.index].text)
+        out = self._echo(out)
         self.add(out)
         if not (out.text or out.finished or out.logprobs):
             return None
         logprobs = self._logprobs(out.logprobs or [], offset) if self.want_logprobs else None
         choice = CompletionChoice(index=out.index, text=out.text, logprobs=logprobs,
                                   finish_reason=out.finish_reason if out.finished else None,
-                                  stop_reason=out.stop_reason if out.finished else None)
+                                  stop_reason=out.stop_reason if out.finished else None,
+                                  context_overflow=ContextOverflowInfo.of(out.overflow))
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=[choice])
 
     def usage_chunk(self) -> BaseModel:
@@ -376,6 +427,7 @@ class CompletionBuilder(ResponseBuilder):
 
     def response(self) -> BaseModel:
         choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                    context_overflow=ContextOverflowInfo.of(c.overflow),
                                     logprobs=self._logprobs(c.logprobs, 0) if self.want_logprobs else None)
                    for i, c in enumerate(self.choices)]
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
@@ -407,7 +459,8 @@ class ChatBuilder(ResponseBuilder):
         delta = {"content": out.text} if out.text else {}
         return self._chunk(ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs,
                                            finish_reason=out.finish_reason if out.finished else None,
-                                           stop_reason=out.stop_reason if out.finished else None))
+                                           stop_reason=out.stop_reason if out.finished else None,
+                                           context_overflow=ContextOverflowInfo.of(out.overflow)))
 
     def usage_chunk(self) -> BaseModel:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=[],
@@ -415,7 +468,7 @@ class ChatBuilder(ResponseBuilder):
 
     def response(self) -> BaseModel:
         choices = [ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-                              stop_reason=c.stop_reason,
+                              stop_reason=c.stop_reason, context_overflow=ContextOverflowInfo.of(c.overflow),
                               logprobs=self._logprobs(c.logprobs) if self.want_logprobs else None)
                    for i, c in enumerate(self.choices)]
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model,

@@ -17,7 +17,7 @@ def prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 def test_long_prompt_is_chunked_while_streams_get_a_token_every_step(tiny_models) -> None:  # type: ignore[no-untyped-def]
     engine = Engine(str(tiny_models["gemma3"].gguf_path),
-                    EngineConfig(max_num_batched_tokens=256, num_kv_tokens=8192))
+                    EngineConfig(max_num_batched_tokens=256, num_kv_tokens=8192, max_stall_ms=0))
     vocab = engine.model_config.vocab_size
     streams = [str(i) for i in range(4)]
     for i in streams:

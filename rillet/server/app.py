@@ -7,6 +7,7 @@ engine thread drains aborts before its next step, so the KV blocks are free with
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from starlette.types import Receive
 
 from rillet.engine.engine import Engine
 from rillet.request import ContextPolicy
+from rillet.engine.policy import QoETarget
 from rillet.sampling_params import SamplingParams, SamplingParamsError
 from rillet.server import ServerConfig, errors
 from rillet.server.async_engine import (AsyncEngine, EngineFailure, EngineState, RejectReason, RequestRejected,
@@ -189,15 +191,27 @@ def _sse(model: BaseModel) -> bytes:
 
 
 async def _stream(handle: RequestStream, builder: ResponseBuilder, timer: RequestTimer,
-                  include_usage: bool) -> AsyncIterator[bytes]:
-    """SSE body: opening chunks, one chunk per output, the usage chunk, [DONE]. Cancelled on disconnect."""
+                  include_usage: bool, pace: float | None = None) -> AsyncIterator[bytes]:
+    """SSE body: opening chunks, one chunk per output, the usage chunk, [DONE]. Cancelled on disconnect.
+
+    With `pace` (tokens/s), chunks leave no faster than that after the first token: the surplus
+    waits here, and the scheduler spends the slack it gives on other streams.
+    """
     failed = False
+    first_at: float | None = None
+    num_sent = 0
     try:
         for chunk in builder.opening_chunks():
             yield _sse(chunk)
         async for out in handle:
             timer.on_output(out)
             piece = builder.chunk(out)
+            if pace and out.new_token_ids:
+                first_at = first_at or time.monotonic()
+                delay = first_at + num_sent / pace - time.monotonic()
+                num_sent += len(out.new_token_ids)
+                if delay > 0:
+                    await asyncio.sleep(delay)
             if piece is not None:
                 yield _sse(piece)
         if include_usage:
@@ -245,13 +259,29 @@ async def _complete(request: Request, handle: RequestStream, builder: ResponseBu
         timer.finish(failed)
 
 
+def _scheduling(request: Request, req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    """The scheduler's view of who sent the request and what its reader expects."""
+    auth = request.headers.get("authorization", "")
+    tenant = req.user or (hashlib.sha256(auth.encode()).hexdigest()[:16] if auth else "")
+    qoe = QoETarget(req.qoe.ttft_s, req.qoe.tokens_per_s) if req.qoe is not None else None
+    return {"qoe": qoe, "priority": req.priority, "tenant": tenant}
+
+
+def _pace(request: Request, req: CompletionRequest | ChatCompletionRequest) -> float | None:
+    """stream_pace: deliver at the reader's speed (the request's, else the server's default)."""
+    if not (req.stream and req.stream_pace):
+        return None
+    return req.qoe.tokens_per_s if req.qoe is not None else _state(request).metrics.default_qoe.tokens_per_s
+
+
 async def generate(request: Request, builder: ResponseBuilder, prompt_ids: list[int], params: SamplingParams,
-                   stream: bool, include_usage: bool, arrival: float) -> Response:
+                   stream: bool, include_usage: bool, arrival: float, scheduling: dict[str, Any] | None = None,
+                   pace: float | None = None) -> Response:
     state = _state(request)
-    timer = RequestTimer(state.metrics, builder.request_id, arrival)
+    timer = RequestTimer(state.metrics, builder.request_id, arrival, (scheduling or {}).get("qoe"))
     try:
         handle = await state.engine.add(builder.request_id, prompt_ids, params, context=builder.context,
-                                        score_prompt=builder.want_logprobs and builder.echo_text is not None)
+                                        score_prompt=builder.want_logprobs and builder.echo_text is not None, **(scheduling or {}))
     except RequestRejected as e:
         raise _rejection(e, state) from None
     except EngineFailure as e:
@@ -261,7 +291,7 @@ async def generate(request: Request, builder: ResponseBuilder, prompt_ids: list[
     if isinstance(builder, CompletionBuilder):
         builder.echo_prompt_ids = handle.prompt_ids
     if stream:
-        return StreamingResponse(_stream(handle, builder, timer, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_stream(handle, builder, timer, include_usage, pace), media_type="text/event-stream",
                                  headers=_SSE_HEADERS)
     return await _complete(request, handle, builder, timer)
 
@@ -344,7 +374,8 @@ async def completions(request: Request) -> Response:
     builder.context = context_policy(req)
     if req.echo:
         builder.echo_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt_ids)
-    return await generate(request, builder, prompt_ids, params, bool(req.stream), req.include_usage, arrival)
+    return await generate(request, builder, prompt_ids, params, bool(req.stream), req.include_usage, arrival,
+                          _scheduling(request, req), _pace(request, req))
 
 
 @router.post("/v1/chat/completions")
@@ -359,7 +390,8 @@ async def chat_completions(request: Request) -> Response:
     builder = ChatBuilder(f"chatcmpl-{uuid.uuid4().hex}", state.model_name, params.n, params.logprobs,
                           engine.tokenizer.token_bytes)
     builder.context = context_policy(req)
-    return await generate(request, builder, prompt_ids, params, bool(req.stream), req.include_usage, arrival)
+    return await generate(request, builder, prompt_ids, params, bool(req.stream), req.include_usage, arrival,
+                          _scheduling(request, req), _pace(request, req))
 
 
 @router.post("/tokenize")
@@ -392,3 +424,9 @@ async def detokenize(request: Request) -> JSONResponse:
         raise bad_request(f"Token id {bad} is outside the vocabulary (0..{vocab - 1}).", "tokens")
     text = engine.tokenizer.decode(req.tokens, skip_special_tokens=req.skip_special_tokens)
     return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+
+
+# Prompts that arrive in pieces (sessions.py builds on the helpers above).
+from rillet.server.sessions import router as _sessions_router  # noqa: E402
+
+router.include_router(_sessions_router)

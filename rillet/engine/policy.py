@@ -21,7 +21,9 @@ urgent one and nothing starves.
 Under the qoe policy, when requests short of slack (below half of `pause_slack_s`) wait for a batch
 slot, streams more than `pause_slack_s` ahead of their readers give up theirs: they keep their KV,
 their readers keep reading from the buffer, and the waiting request starts now instead of when some
-stream finishes. A step serves at most max_num_seqs requests, least slack first. A request that was served in
+stream finishes. A step serves at most max_num_seqs requests, least slack first; and while the
+predicted step time exceeds a reader's token interval, streams more than `pause_slack_s` ahead sit
+the step out (the most slack first), so that the others' steps are shorter. A request that was served in
 the previous step gets `stay_bonus_s` of extra urgency, so near-ties do not flip every step.
 
 Tenant fairness (virtual token counters, Sheng et al. 2024): each tenant's counter grows with the
@@ -155,6 +157,25 @@ class Policy:
         ahead = sorted((x for x in ahead if x[0] > limit), reverse=True)
         return {rid for _, rid in ahead[:need]}
 
+    def trim(self, served: list[Candidate], now: float, step_time: StepTimeModel, target_s: float) -> int:
+        """qoe: how many of `served` (least slack first) to run this step.
+
+        Each stream in a step makes the step longer for all. While the predicted step is longer than
+        `target_s` (a reader's token interval), the stream with the most slack sits this step out,
+        as long as it is more than `pause_slack_s` ahead of its reader.
+        """
+        n = len(served)
+        if self.config.policy is not SchedulingPolicy.QOE:
+            return n
+        while n > 1:
+            predicted = step_time.predict(n)
+            last = served[n - 1].clock
+            if predicted is None or predicted <= target_s or last is None \
+                    or last.slack(now) <= self.config.pause_slack_s:
+                break
+            n -= 1
+        return n
+
     def victim(self, candidates: list[Candidate], now: float) -> str:
         """The running request to preempt when KV blocks run out: the one served last in rank order."""
         return max(candidates, key=lambda c: self.rank(c, now)).request_id
@@ -178,6 +199,13 @@ class StepTimeModel:
             del self.samples[0]
         if len(self.samples) >= 8:
             self.coef = _fit(self.samples) or self.coef
+
+    def predict(self, num_seqs: int, num_prefill_tokens: int = 0) -> float | None:
+        """Predicted seconds of a step (None: no data yet)."""
+        if self.coef is None:
+            return None
+        base, per_seq, per_token = self.coef
+        return base + per_seq * num_seqs + per_token * num_prefill_tokens
 
     def max_prefill_tokens(self, num_seqs: int, target_s: float) -> int | None:
         """Most prefill tokens a step with `num_seqs` sequences can carry within `target_s` (None: no data)."""

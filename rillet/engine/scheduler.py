@@ -84,6 +84,8 @@ class Scheduler:
         # more may be running, the furthest ahead of their readers holding KV but no slot).
         ranked = sorted((r for r in self.running if r.request_id not in paused), key=lambda r: self._rank(r, now))
         served = ranked[:self.config.max_num_seqs]
+        served = served[:self.policy.trim([self._candidate(r) for r in served], now, self.step_time,
+                                          self._step_target_s())]
         num_streams = sum(1 for r in served if r.num_tokens - r.num_computed_tokens == 1)
         prefill_cap = self._prefill_cap(num_streams)
         # Streams (one token behind) first, then partial prefills, each in the policy's order.
@@ -147,6 +149,10 @@ class Scheduler:
             return self.running[-1]  # the newest running request
         rid = self.policy.victim([self._candidate(r) for r in self.running], now)
         return self.requests[rid]
+
+    def _step_target_s(self) -> float:
+        """The step time a reader tolerates: the stall target, else the default reading interval."""
+        return self.config.max_stall_s or 1.0 / self.config.default_qoe.tokens_per_s
 
     def _prefill_cap(self, num_streams: int) -> int:
         """Most prompt tokens this step may carry without stalling `num_streams` streams past the target."""

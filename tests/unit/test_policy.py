@@ -255,3 +255,17 @@ def test_qoe_paused_streams_resume_before_their_readers_wait_long() -> None:
             break
     assert not s.has_unfinished()
     assert worst_behind < 3.0
+
+
+def test_qoe_trims_streams_far_ahead_while_steps_are_too_long() -> None:
+    model = StepTimeModel()
+    for i in range(20):  # 50 ms + 10 ms per sequence
+        model.observe(1 + i % 10, 0, 0.050 + 0.010 * (1 + i % 10))
+    policy = Policy(PolicyConfig(QOE, pause_slack_s=3.0))
+    behind = [_cand(f"b{i}", 0.0) for i in range(10)]  # no token yet: 1 s to their TTFT targets
+    ahead = [_cand(f"a{i}", 0.0, slack_tokens=40) for i in range(10)]  # ~8 s buffered each
+    served = behind + ahead  # least slack first
+    # 20 sequences take 250 ms > 200 ms: ahead streams sit out until 15 fit (200 ms)
+    assert policy.trim(served, 0.0, model, target_s=0.2) == 15
+    assert policy.trim(behind + [_cand("x", 0.0, slack_tokens=12)] * 10, 0.0, model, 0.2) == 20  # ~2 s: not far ahead
+    assert Policy(PolicyConfig(SchedulingPolicy.FCFS)).trim(served, 0.0, model, 0.2) == 20

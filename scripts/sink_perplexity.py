@@ -84,7 +84,7 @@ def generate(engine: Engine, prompt: list[int], num_tokens: int) -> None:
                 print(f"finished: {out.finish_reason}, {out.num_output_tokens} tokens, {out.overflow}")
         held = engine.kv.pools[0].num_usable - engine.kv.pools[0].num_free
         most_blocks = max(most_blocks, held)
-        if done % 2000 == 0:
+        if done % 500 == 0 and done:
             print(f"{done:8d} {held:10d} {most_blocks:6d} {time.perf_counter() - start:8.1f}", flush=True)
 
 

@@ -2,6 +2,7 @@
 so the prefix cache serves all of it but the newest message (usage.prompt_tokens_details.cached_tokens)."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def test_ten_turn_chat_reuses_the_conversation(embedded: LiveServer) -> None:
     rows = run(embedded.url, None, max_tokens=24)
     assert len(rows) == len(QUESTIONS) == 10
     assert rows[0][1] == 0  # nothing cached before the first turn
-    for (prev_prompt, _), (prompt, cached) in zip(rows, rows[1:]):
+    for (prev_prompt, _), (prompt, cached) in itertools.pairwise(rows):
         assert cached % BLOCK_SIZE == 0 and cached < prompt
         # The earlier prompt and the reply the server generated for it are both found again.
         assert cached > prev_prompt

@@ -62,11 +62,10 @@ def test_sink_generates_far_past_the_limit_and_says_so(small: LiveServer) -> Non
     assert report["mode"] == "sink" and report["first_eviction_at"] == LIMIT
     assert report["num_evicted_tokens"] >= 440 - 1 - LIMIT and report["num_evictions"] > 0
     # Streamed: the final chunk carries the same report.
-    with small.http() as http:
-        with http.stream("POST", "/v1/completions", json={
-                "prompt": ids(40, 2), "max_tokens": 400, "ignore_eos": True, "temperature": 0,
-                "context_overflow": "sink", "stream": True}) as r:
-            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    body = {"prompt": ids(40, 2), "max_tokens": 400, "ignore_eos": True, "temperature": 0,
+            "context_overflow": "sink", "stream": True}
+    with small.http() as http, http.stream("POST", "/v1/completions", json=body) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     final = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][-1]
     assert final["choices"][0]["context_overflow"] == report
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == choice["text"]

@@ -64,7 +64,7 @@ def test_sink_output_equals_normal_output_before_the_limit(tiny_models, family: 
     outs = run_to_completion(engine)
     tokens = {rid: [t for o in outs if o.request_id == rid for t in o.new_token_ids] for rid in ("normal", "sink")}
     assert tokens["normal"] == tokens["sink"] and len(tokens["sink"]) == 40
-    final = [o for o in outs if o.request_id == "sink" and o.finished][0]
+    final = next(o for o in outs if o.request_id == "sink" and o.finished)
     assert final.overflow is not None and final.overflow.num_evicted_tokens == 0
     assert final.overflow.first_eviction_at is None
 

@@ -120,6 +120,14 @@ async def parse_request(request: Request, model: type[_M]) -> _M:
     return parse(model, await read_body(request, _state(request).config.max_request_bytes))
 
 
+def check_token_ids(ids: list[int], engine: Engine, param: str) -> None:
+    """Token ids from a client, checked before anything decodes or runs them."""
+    vocab = engine.model_config.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"Token id {bad} is outside the vocabulary (0..{vocab - 1}).", param)
+
+
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
                     max_tokens_param: str, logprobs: int | None, num_prompt_tokens: int,
                     engine: Engine) -> SamplingParams:
@@ -279,9 +287,11 @@ async def generate(request: Request, builder: ResponseBuilder, prompt_ids: list[
                    pace: float | None = None) -> Response:
     state = _state(request)
     timer = RequestTimer(state.metrics, builder.request_id, arrival, (scheduling or {}).get("qoe"))
+    # echo with logprobs: the prompt's own logprobs come first
+    score_prompt = isinstance(builder, CompletionBuilder) and builder.want_logprobs and builder.echo_text is not None
     try:
         handle = await state.engine.add(builder.request_id, prompt_ids, params, context=builder.context,
-                                        score_prompt=builder.want_logprobs and builder.echo_text is not None, **(scheduling or {}))
+                                        score_prompt=score_prompt, **(scheduling or {}))
     except RequestRejected as e:
         raise _rejection(e, state) from None
     except EngineFailure as e:
@@ -367,6 +377,8 @@ async def completions(request: Request) -> Response:
         raise bad_request(str(e), e.param) from None
     if not prompt:
         raise bad_request("The prompt is empty.", "prompt")
+    if not isinstance(prompt, str):
+        check_token_ids(prompt, engine, "prompt")
     prompt_ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     params = sampling_params(req, req.max_tokens, "max_tokens", req.logprobs, len(prompt_ids), engine)
     builder = CompletionBuilder(f"cmpl-{uuid.uuid4().hex}", state.model_name, params.n, params.logprobs,
@@ -418,10 +430,7 @@ async def detokenize(request: Request) -> JSONResponse:
     engine = state.ready_engine()
     req = await parse_request(request, DetokenizeRequest)
     state.check_model(req.model)
-    vocab = engine.model_config.vocab_size
-    bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise bad_request(f"Token id {bad} is outside the vocabulary (0..{vocab - 1}).", "tokens")
+    check_token_ids(req.tokens, engine, "tokens")
     text = engine.tokenizer.decode(req.tokens, skip_special_tokens=req.skip_special_tokens)
     return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 

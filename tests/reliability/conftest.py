@@ -8,8 +8,7 @@ import pytest
 
 from tests.fixtures.tiny_models import TinyModel
 from tests.server.conftest import LiveServer, start_server
-# The tokenizer fixtures, for the detokenizer properties.
-from tests.tokenizer.conftest import (_private_cache, bpe_dirs, bpe_tokenizer,  # noqa: F401
+from tests.tokenizer.conftest import (_private_cache, bpe_dirs, bpe_tokenizer,  # noqa: F401 (fixtures)
                                       sentencepiece_dir, sentencepiece_tokenizer)
 
 API_KEY = "sk-reliability"

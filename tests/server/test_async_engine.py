@@ -37,7 +37,7 @@ class ScriptedEngine:
         self.gate = threading.Event()
         self.gate.set()
 
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> list[int]:
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, **_: Any) -> list[int]:
         if not prompt:
             raise ValueError("the prompt is empty")
         if params.logit_bias:

@@ -21,7 +21,10 @@ TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endf
 def guarded(qwen3: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     log_dir = tmp_path_factory.mktemp("guarded")
     (log_dir / "template.jinja").write_text(TEMPLATE)
+    # fcfs: the running stream keeps its slot (qoe would hand it to the waiting requests, whose readers
+    # have nothing yet)
     live = start_server(qwen3, log_dir, "--max-num-seqs", "1", "--max-queued-requests", str(MAX_QUEUED),
+                        "--scheduling-policy", "fcfs",
                         "--chat-template", str(log_dir / "template.jinja"), api_key=KEY)
     yield live
     assert live.stop() == 0

@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         failures = 0
         for name, fuzz in (("schemathesis", lambda: fuzz_schema(url, headers, args.schema_cases, args.seed)),
                            ("bodies", lambda: fuzz_bodies(url, headers, model, args.body_cases, args.seed))):
+            if (args.schema_cases if name == "schemathesis" else args.body_cases) <= 0:
+                continue
             start = time.monotonic()
             report = fuzz()
             print(f"{name}: {report.summary()} in {time.monotonic() - start:.0f} s", flush=True)

@@ -15,13 +15,22 @@ from pydantic.json_schema import models_json_schema
 
 from rillet.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
-REQUEST_BODIES: dict[str, type[BaseModel]] = {
-    "/v1/completions": CompletionRequest,
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/tokenize": TokenizeRequest,
-    "/detokenize": DetokenizeRequest,
-}
 _ERROR = {"description": "An OpenAI error body: {\"error\": {\"message\", \"type\", \"param\", \"code\"}}"}
+
+
+def request_bodies() -> dict[str, type[BaseModel]]:
+    """The JSON body of each POST route."""
+    from rillet.server.sessions import SessionAppend, SessionGenerate, SessionOpen
+
+    return {
+        "/v1/completions": CompletionRequest,
+        "/v1/chat/completions": ChatCompletionRequest,
+        "/tokenize": TokenizeRequest,
+        "/detokenize": DetokenizeRequest,
+        "/v1/sessions": SessionOpen,
+        "/v1/sessions/{session_id}/append": SessionAppend,
+        "/v1/sessions/{session_id}/generate": SessionGenerate,
+    }
 
 
 def openapi_schema(app: FastAPI) -> dict[str, Any]:
@@ -29,10 +38,11 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is not None:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    models: list[tuple[type[BaseModel], Literal["validation"]]] = [(m, "validation") for m in REQUEST_BODIES.values()]
+    bodies = request_bodies()
+    models: list[tuple[type[BaseModel], Literal["validation"]]] = [(m, "validation") for m in bodies.values()]
     refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
-    for path, model in REQUEST_BODIES.items():
+    for path, model in bodies.items():
         post = schema.get("paths", {}).get(path, {}).get("post")
         if post is None:
             continue

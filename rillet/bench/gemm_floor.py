@@ -35,14 +35,15 @@ def _linear(fmt: str, in_f: int, out_f: int, head: bool) -> nn.Module:
     return RescoredHead(lin) if head else W8A8Linear(lin)
 
 
-def _time(mods: list[nn.Module], x_by_in: dict[int, torch.Tensor], repeats: int) -> float:
+def _time(mods: list[tuple[nn.Module, int]], x_by_in: dict[int, torch.Tensor], repeats: int) -> float:
+    """Seconds for one pass over `mods` (module, input width), averaged over `repeats`."""
     with torch.inference_mode():
         for _ in range(2):
-            for m, in_f in mods:  # type: ignore[misc]
+            for m, in_f in mods:
                 m(x_by_in[in_f])
         start = time.perf_counter()
         for _ in range(repeats):
-            for m, in_f in mods:  # type: ignore[misc]
+            for m, in_f in mods:
                 m(x_by_in[in_f])
     return (time.perf_counter() - start) / repeats
 

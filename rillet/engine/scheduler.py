@@ -77,15 +77,15 @@ class Scheduler:
         scheduled: dict[Request, int] = {}
         preempted: list[str] = []
         shifts: dict[str, KVShift] = {}
-        paused = self.policy.paused([self._candidate(r) for r in self.running],
-                                    [self._candidate(r) for r in self.waiting],
+        running = {r: self._candidate(r) for r in self.running}  # the policy's view, built once per step
+        paused = self.policy.paused(list(running.values()), [self._candidate(r) for r in self.waiting],
                                     self.config.max_num_seqs - len(self.running), now)
         # Batch slots: at most max_num_seqs requests per step, in the policy's order (under qoe
         # more may be running, the furthest ahead of their readers holding KV but no slot).
-        ranked = sorted((r for r in self.running if r.request_id not in paused), key=lambda r: self._rank(r, now))
+        ranked = sorted((r for r in self.running if r.request_id not in paused),
+                        key=lambda r: self.policy.rank(running[r], now))
         served = ranked[:self.config.max_num_seqs]
-        served = served[:self.policy.trim([self._candidate(r) for r in served], now, self.step_time,
-                                          self._step_target_s())]
+        served = served[:self.policy.trim([running[r] for r in served], now, self.step_time, self._step_target_s())]
         num_streams = sum(1 for r in served if r.num_tokens - r.num_computed_tokens == 1)
         prefill_cap = self._prefill_cap(num_streams)
         # Streams (one token behind) first, then partial prefills, each in the policy's order.

@@ -5,7 +5,8 @@
 For each batch size (rows) and format, times every linear layer of Gemma 3 270M at its real shape
 (18 x [q|k|v 640->1536, o 1024->640, gate|up 640->4096, down 2048->640]) and the 262,144 x 640 LM
 head, with random weights, and prints the step time and the tokens/s it would allow if nothing but
-these GEMMs ran. The engine's own step time (attention, norms, sampling, Python) comes on top.
+these GEMMs ran ("default" is the engine's default: fp32 blocks, int8-screened LM head). The
+engine's own step time (attention, norms, sampling, Python) comes on top.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from rillet.models.weight_formats import Int8Linear, PackedLinear, RescoredHead, W8A8Linear
+from rillet.models.weight_formats import InputMajorLinear, Int8Linear, PackedLinear, RescoredHead, W8A8Linear
 
 LAYER_SHAPES = [(640, 1536), (1024, 640), (640, 4096), (2048, 640)]  # (in, out)
 NUM_LAYERS = 18
@@ -27,7 +28,7 @@ def _linear(fmt: str, in_f: int, out_f: int, head: bool) -> nn.Module:
     nn.init.normal_(lin.weight, std=0.02)
     lin.requires_grad_(False)
     if fmt == "fp32":
-        return lin
+        return lin if head else InputMajorLinear(lin)
     if fmt == "bf16-packed":
         return PackedLinear(lin.to(torch.bfloat16))
     if fmt == "int8":
@@ -56,10 +57,11 @@ def main() -> int:
     print(f"torch threads: {torch.get_num_threads()}")
     print(f"{'rows':>4} {'format':>12} {'layers ms':>10} {'LM head ms':>11} {'step ms':>8} {'tok/s bound':>12}")
     for rows in args.rows:
-        for fmt in ("fp32", "bf16-packed", "int8", "w8a8"):
+        for fmt in ("fp32", "default", "bf16-packed", "int8", "w8a8"):
             dtype = torch.bfloat16 if fmt in ("bf16-packed", "int8") else torch.float32
-            layer_mods = [(_linear(fmt, i, o, False), i) for i, o in LAYER_SHAPES]
-            head_fmt = "w8a8" if fmt in ("int8", "w8a8") else fmt
+            layer_fmt = "fp32" if fmt == "default" else fmt
+            layer_mods = [(_linear(layer_fmt, i, o, False), i) for i, o in LAYER_SHAPES]
+            head_fmt = "w8a8" if fmt in ("default", "int8", "w8a8") else fmt
             head = [(_linear(head_fmt, *HEAD, head=True), HEAD[0])]
             xs = {i: torch.randn(rows, i, dtype=dtype) for i in (640, 1024, 2048)}
             head_x = {640: xs[640] if head_fmt != "w8a8" else xs[640].float()}

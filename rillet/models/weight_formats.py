@@ -1,8 +1,10 @@
 """Faster weight formats for the linear layers, applied after loading.
 
 - "none": weights stay in the engine dtype (float32 is the exact path the parity tests use).
-  bfloat16 weights are packed once into oneDNN's blocked layout (PackedLinear): plain bf16
-  F.linear re-blocks the weight on every call, which made it no faster than fp32 here;
+  float32 weights are stored transposed, [in, out] (InputMajorLinear): the CPU's sgemm is up to
+  40% faster on x @ W than on x @ W.T at 4-48 rows, the decode batch sizes. bfloat16 weights
+  are packed once into oneDNN's blocked layout (PackedLinear): plain bf16 F.linear re-blocks
+  the weight on every call, which made it no faster than fp32 here;
 - "int8": weight-only int8 with one scale per output channel, multiplied by
   torch._weight_int8pack_mm. Small batches are bound by reading weights, so halving their
   bytes pays; the LM head keeps its bf16/fp32 copy too and uses it for larger batches,
@@ -53,6 +55,29 @@ class PackedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
+class InputMajorLinear(nn.Module):
+    """float32 linear with its weight stored [in, out], so the GEMM reads it without a transpose.
+
+    Measured here for the 18 decoder blocks of Gemma 3 270M (all four GEMMs of each): 18 ms against
+    30 ms at 16 rows, 31 against 40 at 32, 28 against 37 at 24; never slower from 1 to 512 rows.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_t = linear.weight.detach().t().contiguous()  # [in, out]
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+
+    @staticmethod
+    def supported(linear: nn.Linear) -> bool:
+        return linear.weight.dtype == torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.mm(flat, self.weight_t) if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        return out.view(*x.shape[:-1], self.weight_t.shape[1])
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T with q int8 [out, in] and scale [out]."""
 
@@ -77,19 +102,36 @@ class Int8Linear(nn.Module):
 
 
 class W8A8Linear(nn.Module):
-    """y = (qx @ qw.T) * sx * sw: int8 x int8 -> int32 on VNNI, rescaled in fp32."""
+    """y = (qx @ qw.T) * sx * sw: int8 x int8 -> int32 on VNNI, rescaled in fp32.
+
+    Where oneDNN's quantized linear is built in, the int8 weight is packed once for it and the
+    GEMM writes fp32 with the weight scales applied: for the 262,144 x 640 LM head, 5.6 ms
+    against 7.6 ms for torch._int_mm and two rescaling passes at 1 row, 23 against 47 at 32 rows,
+    with identical results (activations go in as uint8 with zero point 128).
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.qweight, self.scale = _quantize_rows(linear.weight.detach().float())
         self.bias = linear.bias
+        self.packed: torch.Tensor | None = None
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack"):
+            self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+            self.zero_points = torch.zeros(self.qweight.shape[0], dtype=torch.long)
+            self.qweight = torch.empty(0, dtype=torch.int8)  # the packed copy is all that is read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         flat = x.reshape(-1, x.shape[-1]).float()
-        qx, sx = _quantize_rows(flat)
-        # NOTE: two passes over [rows, out], no [rows, out] temporary of scales.
-        out = torch.mul(torch._int_mm(qx, self.qweight.t()), self.scale).mul_(sx[:, None])
+        if self.packed is not None:
+            sx = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+            qx = torch.round(flat / sx).add_(128).to(torch.uint8)
+            out = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, self.packed, self.scale, self.zero_points,
+                                                     None, 1.0, 0, torch.float32, "none", [], "").mul_(sx)
+        else:
+            qx, sxr = _quantize_rows(flat)
+            # NOTE: two passes over [rows, out], no [rows, out] temporary of scales.
+            out = torch.mul(torch._int_mm(qx, self.qweight.t()), self.scale).mul_(sxr[:, None])
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
@@ -156,3 +198,6 @@ def apply_quantization(model: nn.Module, layers: str, lm_head: str, lm_head_dens
                 setattr(module, child_name, Int8Linear(child, lm_head_dense_above if is_head else None))
             elif PackedLinear.supported(child):
                 setattr(module, child_name, PackedLinear(child))
+            elif InputMajorLinear.supported(child) and not is_head:
+                # NOTE: the head's weight is usually the tied embedding; a transposed copy would double it.
+                setattr(module, child_name, InputMajorLinear(child))

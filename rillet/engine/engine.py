@@ -145,17 +145,19 @@ class Engine:
 
     # -- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         schedule = self.last_schedule = self.scheduler.schedule()
         if not schedule.seqs:
             return []
         self.kv_shifter.apply(schedule.kv_shifts)  # sink evictions: kept keys move back
-        start = time.perf_counter()
         sampled = self.runner.execute(schedule)
-        self.scheduler.observe_step(schedule, time.perf_counter() - start)
         for rid, scores in self.runner.prompt_logprobs.items():
             self.scheduler.requests[rid].prompt_logprobs.extend(scores)
         advanced = self.scheduler.update(schedule, {rid: t.token_id for rid, t in sampled.items()})
-        return [self._output(req, sampled[req.request_id]) for req in advanced]
+        outputs = [self._output(req, sampled[req.request_id]) for req in advanced]
+        # NOTE: the whole step, as a stream sees it: scheduling and detokenizing included.
+        self.scheduler.observe_step(schedule, time.perf_counter() - start)
+        return outputs
 
     def _output(self, req: Request, token: SampledToken) -> RequestOutput:
         detok = self.detokenizers[req.request_id]

@@ -33,6 +33,7 @@ tenant that comes back from idle starts at the smallest active counter, so it ca
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -182,72 +183,72 @@ class Policy:
 
 
 class StepTimeModel:
-    """Step time ~ base + per_seq * num_seqs + per_token * num_prefill_tokens, fitted online.
+    """Step time ~ base + per_seq * seqs + per_token * prompt tokens + per_pair * prompt attention.
 
-    A least-squares fit over the last `window` steps; used to size prefill chunks so that the
-    streams sharing a step with a long prompt see a gap below the stall target.
+    "prompt attention" counts the (query, key) pairs of the step's prompt chunks, sum n * (start + n)
+    in thousands: a chunk late in a long prompt attends over everything before it, so the same
+    number of tokens costs more there. Fitted online by least squares over the recent steps with
+    prompt tokens and the recent steps without (kept apart, so a long run of decodes cannot push
+    the prompt costs out); used to size prefill chunks so that the streams sharing a step with a
+    long prompt see a gap below the stall target.
     """
 
-    def __init__(self, window: int = 128) -> None:
+    def __init__(self, window: int = 64) -> None:
         self.window = window
-        self.samples: list[tuple[int, int, float]] = []
-        self.coef: tuple[float, float, float] | None = None
+        self.decodes: list[tuple[float, float, float, float]] = []  # (seqs, tokens, kpairs, seconds)
+        self.prefills: list[tuple[float, float, float, float]] = []
+        self.coef: tuple[float, float, float, float] | None = None
 
-    def observe(self, num_seqs: int, num_prefill_tokens: int, seconds: float) -> None:
-        self.samples.append((num_seqs, num_prefill_tokens, seconds))
-        if len(self.samples) > self.window:
-            del self.samples[0]
-        if len(self.samples) >= 8:
-            self.coef = _fit(self.samples) or self.coef
+    def observe(self, num_seqs: int, num_prefill_tokens: int, seconds: float, prefill_pairs: int = 0) -> None:
+        samples = self.prefills if num_prefill_tokens else self.decodes
+        samples.append((num_seqs, num_prefill_tokens, prefill_pairs / 1000, seconds))
+        if len(samples) > self.window:
+            del samples[0]
+        if len(self.decodes) + len(self.prefills) >= 8:
+            self.coef = _fit(self.decodes + self.prefills) or self.coef
 
-    def predict(self, num_seqs: int, num_prefill_tokens: int = 0) -> float | None:
+    def predict(self, num_seqs: int, num_prefill_tokens: int = 0, prefill_pairs: int = 0) -> float | None:
         """Predicted seconds of a step (None: no data yet)."""
         if self.coef is None:
             return None
-        base, per_seq, per_token = self.coef
-        return base + per_seq * num_seqs + per_token * num_prefill_tokens
+        base, per_seq, per_token, per_kpair = self.coef
+        return base + per_seq * num_seqs + per_token * num_prefill_tokens + per_kpair * prefill_pairs / 1000
 
-    def max_prefill_tokens(self, num_seqs: int, target_s: float) -> int | None:
-        """Most prefill tokens a step with `num_seqs` sequences can carry within `target_s` (None: no data)."""
+    def max_prefill_tokens(self, num_seqs: int, target_s: float, context: int = 0) -> int | None:
+        """Most prompt tokens, continuing a prompt `context` tokens in, that a step with `num_seqs`
+        sequences can carry within `target_s` (None: no data)."""
         if self.coef is None:
             return None
-        base, per_seq, per_token = self.coef
-        if per_token <= 0:
-            return None
-        return max(0, int((target_s - base - per_seq * num_seqs) / per_token))
+        base, per_seq, per_token, per_kpair = self.coef
+        room = target_s - base - per_seq * num_seqs
+        if room <= 0:
+            return 0
+        # per_token * n + per_kpair * n * (context + n) / 1000 <= room
+        a, b = per_kpair / 1000, per_token + per_kpair * context / 1000
+        if a <= 0:
+            return None if b <= 0 else int(room / b)
+        return int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a))
 
 
-def _fit(samples: list[tuple[int, int, float]]) -> tuple[float, float, float] | None:
-    """Least squares for y = a + b*x1 + c*x2 via the 3x3 normal equations.
+def _fit(samples: list[tuple[float, float, float, float]]) -> tuple[float, float, float, float] | None:
+    """Least squares for y = c0 + c1*x1 + c2*x2 + c3*x3 (normal equations, Gaussian elimination).
 
-    A small ridge term keeps the system solvable when a column does not vary (a run of decode-only
-    steps, or a constant batch): the fit then leans on the intercept instead of failing.
+    A small ridge term on c1..c3 keeps the system solvable when a column does not vary (a run of
+    decode-only steps, or a constant batch): the fit then leans on the intercept instead of failing.
     """
-    n = float(len(samples))
-    s1 = sum(x1 for x1, _, _ in samples)
-    s2 = sum(x2 for _, x2, _ in samples)
-    s11 = sum(x1 * x1 for x1, _, _ in samples)
-    s22 = sum(x2 * x2 for _, x2, _ in samples)
-    s12 = sum(x1 * x2 for x1, x2, _ in samples)
-    sy = sum(y for _, _, y in samples)
-    s1y = sum(x1 * y for x1, _, y in samples)
-    s2y = sum(x2 * y for _, x2, y in samples)
-    ridge = 1e-3 * n
-    m = [[n, s1, s2], [s1, s11 + ridge, s12], [s2, s12, s22 + ridge]]
-    v = [sy, s1y, s2y]
-    det = _det3(m)
-    if det == 0:
-        return None
-    coef = []
-    for col in range(3):
-        mc = [row[:] for row in m]
-        for r in range(3):
-            mc[r][col] = v[r]
-        coef.append(_det3(mc) / det)
-    return coef[0], max(0.0, coef[1]), max(0.0, coef[2])
-
-
-def _det3(m: list[list[float]]) -> float:
-    return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
+    k = 4
+    rows = [(1.0, x1, x2, x3) for x1, x2, x3, _ in samples]
+    ys = [y for *_, y in samples]
+    m = [[sum(r[i] * r[j] for r in rows) + (1e-3 * len(rows) if i == j and i else 0.0) for j in range(k)]
+         + [sum(r[i] * y for r, y in zip(rows, ys))] for i in range(k)]
+    for col in range(k):
+        pivot = max(range(col, k), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(k):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [a - f * b for a, b in zip(m[r], m[col])]
+    c = [m[i][k] / m[i][i] for i in range(k)]
+    return c[0], max(0.0, c[1]), max(0.0, c[2]), max(0.0, c[3])

@@ -23,6 +23,9 @@ from rillet.engine.policy import Candidate, Policy, PolicyConfig, QoETarget, Rea
 from rillet.engine.sink import KVShift, max_sink_chunk, num_tokens_to_evict
 from rillet.request import FinishReason, Request, RequestStatus
 
+_STALL_MARGIN = 0.75  # prefill chunks aim at this share of --max-stall-ms
+_UNCALIBRATED_PREFILL_CAP = 128  # prompt tokens per step beside streams until the step-time model has data
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -87,7 +90,8 @@ class Scheduler:
         served = ranked[:self.config.max_num_seqs]
         served = served[:self.policy.trim([running[r] for r in served], now, self.step_time, self._step_target_s())]
         num_streams = sum(1 for r in served if r.num_tokens - r.num_computed_tokens == 1)
-        prefill_cap = self._prefill_cap(num_streams)
+        prefill_cap = self._prefill_cap(num_streams, max((r.num_kv_tokens for r in served
+                                                          if r.num_tokens - r.num_computed_tokens > 1), default=0))
         # Streams (one token behind) first, then partial prefills, each in the policy's order.
         for req in sorted(served, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
             if budget == 0 or req.status is not RequestStatus.RUNNING:
@@ -154,18 +158,22 @@ class Scheduler:
         """The step time a reader tolerates: the stall target, else the default reading interval."""
         return self.config.max_stall_s or 1.0 / self.config.default_qoe.tokens_per_s
 
-    def _prefill_cap(self, num_streams: int) -> int:
-        """Most prompt tokens this step may carry without stalling `num_streams` streams past the target."""
+    def _prefill_cap(self, num_streams: int, context: int) -> int:
+        """Most prompt tokens this step may carry, continuing a prompt `context` tokens in, without
+        stalling `num_streams` streams past the target (aiming a little below it: the fit is a mean)."""
         budget = self.config.max_num_batched_tokens
         if self.config.max_stall_s is None or num_streams == 0:
             return budget
-        cap = self.step_time.max_prefill_tokens(num_streams + 1, self.config.max_stall_s)
-        return budget if cap is None else min(budget, max(cap, self.kv.block_size))
+        cap = self.step_time.max_prefill_tokens(num_streams + 1, _STALL_MARGIN * self.config.max_stall_s, context)
+        if cap is None:  # not calibrated yet (the first few steps): a chunk that is short on any model here
+            cap = _UNCALIBRATED_PREFILL_CAP
+        return min(budget, max(cap, self.kv.block_size))
 
     def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
-        """The model's time for `out`: teaches the step-time model behind the stall bound."""
-        num_prefill = sum(s.num_tokens for s in out.seqs if s.num_tokens > 1)
-        self.step_time.observe(len(out.seqs), num_prefill, seconds)
+        """The time of the step that ran `out`: teaches the step-time model behind the stall bound."""
+        prefills = [s for s in out.seqs if s.num_tokens > 1]
+        pairs = sum(s.num_tokens * (s.start_pos + s.num_tokens) for s in prefills)
+        self.step_time.observe(len(out.seqs), sum(s.num_tokens for s in prefills), seconds, pairs)
 
     def _admission_order(self, now: float) -> list[Request]:
         if self.policy.config.policy is SchedulingPolicy.FCFS and not self.policy.config.fair_tenants:

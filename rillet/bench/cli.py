@@ -92,6 +92,9 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
                          help="expected tokens/s after the first (default: 5)")
     quality.add_argument("--reading-speed-mix", type=_mix, default=None, metavar="SPEED:WEIGHT,...",
                          help="draw each request's reading speed from this mix instead, e.g. 4:0.5,8:0.5")
+    quality.add_argument("--send-qoe", action="store_true",
+                         help="tell the server each request's target (rillet's per-request \"qoe\" field: "
+                         "--ttft-target and the request's reading speed); servers without it ignore or reject it")
     quality.add_argument("--slo-ttft", type=float, default=None, help="goodput TTFT limit, s (default: --ttft-target)")
     quality.add_argument("--slo-tpot", type=float, default=None,
                          help="goodput TPOT limit, s (default: 1 / --reading-speed)")
@@ -202,7 +205,8 @@ def _describe(args: argparse.Namespace, num_requests: int) -> str:
 def _run_one(args: argparse.Namespace, url: str, label: str, specs: list[RequestSpec], warmup: list[RequestSpec],
              offsets: list[float] | None, rate: float, slo: SLO, got: _Collected) -> dict[str, Any]:
     """One pass of the schedule against one server; its summary, also kept in `got`."""
-    endpoint = Endpoint(url, args.model, args.api, args.temperature, args.api_key, args.timeout)
+    endpoint = Endpoint(url, args.model, args.api, args.temperature, args.api_key, args.timeout,
+                        args.ttft_target if args.send_qoe else None)
     result = run(endpoint, specs, offsets, args.concurrency, warmup)
     records = analyze(result, specs, args.ttft_target)
     summary = summarize(result, records, slo)

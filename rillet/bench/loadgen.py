@@ -67,6 +67,7 @@ class Endpoint:
     temperature: float = 0.0
     api_key: str | None = None
     timeout_s: float = 600.0
+    send_qoe_ttft_s: float | None = None  # set: each request carries its QoE target as rillet's "qoe" field
 
     def __post_init__(self) -> None:
         if self.api not in ("completions", "chat"):
@@ -86,6 +87,8 @@ class Endpoint:
                                 "temperature": self.temperature, "stream_options": {"include_usage": True}}
         if model is not None:
             body["model"] = model
+        if self.send_qoe_ttft_s is not None:
+            body["qoe"] = {"ttft_s": self.send_qoe_ttft_s, "tokens_per_s": spec.reading_speed}
         if self.api == "completions":
             body["prompt"] = spec.prompt
         else:

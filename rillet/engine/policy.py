@@ -21,9 +21,11 @@ urgent one and nothing starves.
 Under the qoe policy, when requests short of slack (below half of `pause_slack_s`) wait for a batch
 slot, streams more than `pause_slack_s` ahead of their readers give up theirs: they keep their KV,
 their readers keep reading from the buffer, and the waiting request starts now instead of when some
-stream finishes. A step serves at most max_num_seqs requests, least slack first; and while the
-predicted step time exceeds a reader's token interval, streams more than `pause_slack_s` ahead sit
-the step out (the most slack first), so that the others' steps are shorter. A request that was served in
+stream finishes. A step serves at most max_num_seqs requests, least slack first; and while a
+stream's reader is waiting for text, or the predicted step time exceeds a reader's token interval,
+streams more than `pause_slack_s` ahead sit the step out (the most slack first), so that the
+others' steps are shorter: with readers of different speeds, a slow reader's surplus becomes a
+fast reader's tokens. A request that was served in
 the previous step gets `stay_bonus_s` of extra urgency, so near-ties do not flip every step.
 
 Tenant fairness (virtual token counters, Sheng et al. 2024): each tenant's counter grows with the
@@ -161,21 +163,47 @@ class Policy:
     def trim(self, served: list[Candidate], now: float, step_time: StepTimeModel, target_s: float) -> int:
         """qoe: how many of `served` (least slack first) to run this step.
 
-        Each stream in a step makes the step longer for all. While the predicted step is longer than
-        `target_s` (a reader's token interval), the stream with the most slack sits this step out,
-        as long as it is more than `pause_slack_s` ahead of its reader.
+        Each stream in a step makes the step longer for all. Streams more than `pause_slack_s` ahead
+        of their readers sit the step out, the most slack first, while another stream's reader is
+        waiting for text (the step gets shorter for the late ones) or while the predicted step is
+        longer than `target_s` (a reader's token interval). The readers of those that sit out keep
+        reading from seconds of buffered text.
         """
         n = len(served)
         if self.config.policy is not SchedulingPolicy.QOE:
             return n
+        waiting_reader = any(c.clock is not None and c.clock.num_delivered and c.clock.slack(now) < 0
+                             for c in served)
         while n > 1:
-            predicted = step_time.predict(n)
             last = served[n - 1].clock
-            if predicted is None or predicted <= target_s or last is None \
-                    or last.slack(now) <= self.config.pause_slack_s:
+            if last is None or last.slack(now) <= self.config.pause_slack_s:
+                break
+            predicted = step_time.predict(n)
+            if not waiting_reader and (predicted is None or predicted <= target_s):
                 break
             n -= 1
         return n
+
+    def isolate(self, served: list[Candidate], waiting: list[Candidate]) -> set[str]:
+        """Tenant fairness: requests in `served` to hold back for one step while a request of the
+        least served tenant waits for its first token.
+
+        The step that carries that request's prompt serves only its tenant and tenants with lower
+        counters, so a light tenant's first token does not wait behind a heavy tenant's whole
+        batch. Only streams served in the previous step are held back (none skips two steps in a
+        row), and the light tenant's counter grows with what it is served, so nothing starves.
+        """
+        if not self.config.fair_tenants:
+            return set()
+        fresh = [c for c in [*served, *waiting[:1]] if c.clock is not None and c.clock.num_delivered == 0]
+        if not fresh:
+            return set()
+        tenant = min(fresh, key=lambda c: self.counters.key(c.tenant)).tenant
+        limit = self.counters.key(tenant)
+        held = [c for c in served if c.tenant != tenant and self.counters.key(c.tenant) >= limit]
+        if not all(c.served_last_step for c in held):
+            return set()
+        return {c.request_id for c in held}
 
     def victim(self, candidates: list[Candidate], now: float) -> str:
         """The running request to preempt when KV blocks run out: the one served last in rank order."""

@@ -74,7 +74,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- one step -------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, isolate: bool = True) -> SchedulerOutput:
         now = self.clock()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[Request, int] = {}
@@ -89,6 +89,11 @@ class Scheduler:
                         key=lambda r: self.policy.rank(running[r], now))
         served = ranked[:self.config.max_num_seqs]
         served = served[:self.policy.trim([running[r] for r in served], now, self.step_time, self._step_target_s())]
+        num_served = len(served)
+        if isolate and self.policy.config.fair_tenants:
+            held = self.policy.isolate([running[r] for r in served],
+                                       [self._candidate(r) for r in self._admission_order(now)[:1]])
+            served = [r for r in served if r.request_id not in held]
         num_streams = sum(1 for r in served if r.num_tokens - r.num_computed_tokens == 1)
         prefill_cap = self._prefill_cap(num_streams, max((r.num_kv_tokens for r in served
                                                           if r.num_tokens - r.num_computed_tokens > 1), default=0))
@@ -118,6 +123,8 @@ class Scheduler:
                     prefill_cap -= num_new
         if not preempted:
             budget = self._admit(scheduled, min(budget, prefill_cap), now, len(paused))
+        if not scheduled and len(served) < num_served:  # the isolated request could not start: no one waits for it
+            return self.schedule(isolate=False)
         for req in self.running:
             req.served_last_step = req in scheduled
         return SchedulerOutput([self._seq(req, n) for req, n in scheduled.items()], preempted,

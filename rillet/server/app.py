@@ -31,9 +31,10 @@ from rillet.server.async_engine import (AsyncEngine, EngineFailure, EngineState,
 from rillet.server.chat_template import ChatTemplate, ChatTemplateError
 from rillet.server.errors import APIError, bad_request
 from rillet.server.metrics import RequestTimer, ServerMetrics
-from rillet.server.protocol import (ChatBuilder, ChatCompletionRequest, ChatMessage, CompletionBuilder,
-                                    CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-                                    RequestError, ResponseBuilder, TokenizeRequest, TokenizeResponse)
+from rillet.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
+                                    RequestError, TokenizeRequest)
+from rillet.server.responses import (ChatBuilder, CompletionBuilder, DetokenizeResponse, ModelCard, ModelList,
+                                     ResponseBuilder, TokenizeResponse)
 
 logger = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from pydantic import BaseModel
 
 from rillet.engine.engine import Engine
 from rillet.sampling_params import SamplingParams
-from rillet.server.app import (CompletionBuilder, ServerState, _state, context_policy, generate, parse_request,
-                               sampling_params)
+from rillet.server.app import ServerState, _state, context_policy, generate, parse_request, sampling_params
 from rillet.server.async_engine import EngineFailure, RequestRejected, RequestStream
 from rillet.server.errors import APIError, bad_request
 from rillet.server.protocol import CompletionRequest, RequestError, _Strict
+from rillet.server.responses import CompletionBuilder
 
 SESSION_TTL_S = 600.0
 MAX_SESSIONS = 256

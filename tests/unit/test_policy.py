@@ -285,3 +285,54 @@ def test_qoe_trims_streams_far_ahead_while_steps_are_too_long() -> None:
     assert policy.trim(served, 0.0, model, target_s=0.2) == 15
     assert policy.trim(behind + [_cand("x", 0.0, slack_tokens=12)] * 10, 0.0, model, 0.2) == 20  # ~2 s: not far ahead
     assert Policy(PolicyConfig(SchedulingPolicy.FCFS)).trim(served, 0.0, model, 0.2) == 20
+
+
+def test_qoe_gives_a_late_readers_steps_the_time_of_streams_far_ahead() -> None:
+    model = StepTimeModel()
+    for i in range(20):  # 20 ms + 3 ms per sequence: every step is far below a reader's interval
+        model.observe(1 + i % 10, 0, 0.020 + 0.003 * (1 + i % 10))
+    policy = Policy(PolicyConfig(QOE, pause_slack_s=3.0))
+    late = _cand("late", 0.0, slack_tokens=2)  # its reader has waited ~4 s at t=5
+    close = [_cand(f"c{i}", 4.0, slack_tokens=10) for i in range(3)]  # ~1.3 s ahead: keep their turn
+    ahead = [_cand(f"a{i}", 4.0, slack_tokens=30) for i in range(4)]  # ~5.5 s buffered each
+    now = 5.0
+    assert late.clock is not None and late.clock.slack(now) < 0
+    assert policy.trim([late, *close, *ahead], now, model, target_s=0.2) == 4  # the far-ahead sit out
+    assert policy.trim([*close, *ahead], now, model, target_s=0.2) == 7  # nobody waiting: all served
+    fresh = _cand("new", 4.5)  # no token yet (inside its TTFT target): not a waiting reader
+    assert policy.trim([fresh, *close, *ahead], now, model, target_s=0.2) == 8
+    assert Policy(PolicyConfig(SchedulingPolicy.FCFS)).trim([late, *close, *ahead], now, model, 0.2) == 8
+
+
+@pytest.mark.parametrize("policy", [SchedulingPolicy.FCFS, QOE])
+def test_fairness_runs_a_light_tenants_first_step_without_the_heavy_batch(policy: SchedulingPolicy) -> None:
+    s, clock = make(policy, num_blocks=2000, budget=64, max_seqs=16, fair=True)
+    heavy = [req(f"h{i}", 4, 0.0, max_tokens=50, tenant="heavy") for i in range(10)]
+    for r in heavy:
+        s.add_request(r)
+    for _ in range(5):
+        clock.now += 0.1
+        step(s)
+    s.add_request(req("light", 20, clock.now, max_tokens=5, tenant="light"))
+    clock.now += 0.1
+    assert step(s) == {"light": 20}  # its prompt alone: the first token comes after one short step
+    clock.now += 0.1
+    got = step(s)
+    assert got["light"] == 1 and all(got.get(r.request_id) == 1 for r in heavy)  # then everyone again
+    while s.has_unfinished():  # nobody starves
+        clock.now += 0.1
+        step(s)
+    assert all(r.num_output_tokens == 50 for r in heavy)
+
+
+def test_fairness_isolation_falls_back_when_the_light_request_cannot_start() -> None:
+    s, clock = make(SchedulingPolicy.FCFS, num_blocks=30, budget=128, max_seqs=16, fair=True)
+    heavy = [req(f"h{i}", 8, 0.0, max_tokens=8, tenant="heavy") for i in range(4)]  # 4 x 2-4 blocks of 30
+    for r in heavy:
+        s.add_request(r)
+    step(s)
+    s.add_request(req("light", 100, clock.now, max_tokens=4, tenant="light"))  # 25 blocks: no room yet
+    got = step(s)
+    assert all(got.get(r.request_id) == 1 for r in heavy)  # the heavy streams run instead of no one
+    while s.has_unfinished():
+        step(s)

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from rillet.bench import cli
-from rillet.bench.datasets import LengthDist, ReadingSpeedMix, StdlibDocSource, build_requests
+from rillet.bench.datasets import LengthDist, ReadingSpeedMix, RequestSpec, StdlibDocSource, build_requests
 from rillet.bench.loadgen import Arrivals, Endpoint, arrival_offsets, run
 from rillet.bench.report import SLO, analyze, summarize
 
@@ -168,3 +168,10 @@ def test_command_closed_loop(fake: tuple[FakeServer, str], capsys: pytest.Captur
 
 def test_rate_inf_is_accepted() -> None:
     assert math.isinf(cli._rate("inf"))
+
+
+def test_send_qoe_puts_each_requests_reader_in_the_body() -> None:
+    spec = RequestSpec(0, "hello", 8, reading_speed=12.0)
+    assert "qoe" not in Endpoint("http://x").body(spec, None)
+    body = Endpoint("http://x", send_qoe_ttft_s=0.5).body(spec, "m")
+    assert body["qoe"] == {"ttft_s": 0.5, "tokens_per_s": 12.0} and body["model"] == "m"

@@ -48,9 +48,25 @@ rillet bench --url $R --compare $F --compare $L --sweep 1,1.5,2,2.5,3 --num-requ
 # A long prompt among 8 streams: llama-server needs slots of more than 4,000 tokens for it.
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'
 start 8081 llama_stall.log "$LLAMA" -m "$MODEL" -t 2 -np 16 -c 131072 --port 8081
-python -m rillet.bench.scenarios stall --url $R --url $F --url http://127.0.0.1:8081 --json "$OUT/stall.json"
+python -m rillet.bench.scenarios stall --url $R --url $F --url http://127.0.0.1:8081 --repeats 2 --json "$OUT/stall.json"
+kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'
 
-# Two tenants: rillet with and without --fairness tenant.
-start 8003 rillet_fair.log rillet serve --port 8003 --fairness tenant
-python -m rillet.bench.scenarios tenants --url http://127.0.0.1:8003 --url $R --rate 0.3 --num-requests 12 \
-  --json "$OUT/tenants.json"
+# Readers of three speeds, each request telling rillet its reader (llama-server ignores the field).
+start 8080 llama.log "$LLAMA" -m "$MODEL" -t 2 -np 32 -c 65536 --port 8080
+rillet bench --url $R --compare $F --compare $L --sweep 2,3,4 --num-requests 60 "${COMMON[@]}" \
+  --reading-speed-mix 3:0.34,6:0.33,12:0.33 --send-qoe --json "$OUT/sweep_mix.json"
+
+# Two tenants, heavy at 10x the light one's rate, near and past capacity; a fresh server for each run
+# (the scenario's texts repeat, and a warm prefix cache would flatter the second run).
+tenants() {  # tenants RATE NAME [rillet serve options]
+  local rate=$1 name=$2; shift 2
+  start 8003 "rillet_tenants_$name.log" rillet serve --port 8003 "$@"
+  python -m rillet.bench.scenarios tenants --url http://127.0.0.1:8003 --rate "$rate" --num-requests 20 \
+    --json "$LOGS/tenants_$name.json"
+  kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'
+}
+tenants 0.25 fair_025 --fairness tenant
+tenants 0.25 default_025
+tenants 0.35 fair_035 --fairness tenant
+tenants 0.35 default_035
+echo "tenant runs: $LOGS/tenants_*.json"

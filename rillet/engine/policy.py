@@ -184,9 +184,9 @@ class Policy:
             n -= 1
         return n
 
-    def isolate(self, served: list[Candidate], waiting: list[Candidate]) -> set[str]:
+    def isolate(self, served: list[Candidate], next_waiting: Candidate | None) -> set[str]:
         """Tenant fairness: requests in `served` to hold back for one step while a request of the
-        least served tenant waits for its first token.
+        least served tenant (running, or `next_waiting` to be admitted) waits for its first token.
 
         The step that carries that request's prompt serves only its tenant and tenants with lower
         counters, so a light tenant's first token does not wait behind a heavy tenant's whole
@@ -195,7 +195,8 @@ class Policy:
         """
         if not self.config.fair_tenants:
             return set()
-        fresh = [c for c in [*served, *waiting[:1]] if c.clock is not None and c.clock.num_delivered == 0]
+        candidates = served if next_waiting is None else [*served, next_waiting]
+        fresh = [c for c in candidates if c.clock is not None and c.clock.num_delivered == 0]
         if not fresh:
             return set()
         tenant = min(fresh, key=lambda c: self.counters.key(c.tenant)).tenant

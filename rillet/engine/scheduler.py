@@ -91,8 +91,8 @@ class Scheduler:
         served = served[:self.policy.trim([running[r] for r in served], now, self.step_time, self._step_target_s())]
         num_served = len(served)
         if isolate and self.policy.config.fair_tenants:
-            held = self.policy.isolate([running[r] for r in served],
-                                       [self._candidate(r) for r in self._admission_order(now)[:1]])
+            first = min(self.waiting, key=lambda r: self._rank(r, now), default=None)  # the next to be admitted
+            held = self.policy.isolate([running[r] for r in served], self._candidate(first) if first else None)
             served = [r for r in served if r.request_id not in held]
         num_streams = sum(1 for r in served if r.num_tokens - r.num_computed_tokens == 1)
         prefill_cap = self._prefill_cap(num_streams, max((r.num_kv_tokens for r in served

@@ -79,8 +79,10 @@ class EngineConfig:
         "help": "reuse the KV cache of prompts that share a prefix"})
     dtype: str = field(default="float32", metadata={
         "help": "activation, KV-cache and weight dtype: float32 (exact) or bfloat16"})
-    quantization: str = field(default="none", metadata={
-        "help": "quantization of the decoder's linear layers: none, int8 (weights only) or w8a8 "
+    quantization: str = field(default="auto", metadata={
+        "help": "weights of the decoder's linear layers: auto (with float32: int8 copies for steps of at most "
+                "8 rows, where reading weights bounds the time; the float32 weights for larger steps and prompts), "
+                "none (the dtype's weights only: exact in float32), int8 (weights only) or w8a8 "
                 "(weights and activations)"})
     lm_head_quantization: str = field(default="w8a8", metadata={
         "help": "quantization of the LM head: w8a8 (int8 screening, then the 32 best logits of each row "
@@ -119,6 +121,7 @@ class EngineConfig:
             raise ValueError(f"max_stall_ms must be >= 0, got {self.max_stall_ms}")
         if not self.qoe_ttft_s >= 0 or not self.qoe_tokens_per_s > 0:
             raise ValueError("qoe_ttft_s must be >= 0 and qoe_tokens_per_s > 0")
-        for name in ("quantization", "lm_head_quantization"):
-            if getattr(self, name) not in ("none", "int8", "w8a8"):
-                raise ValueError(f"{name} must be none, int8 or w8a8, got {getattr(self, name)!r}")
+        if self.quantization not in ("auto", "none", "int8", "w8a8"):
+            raise ValueError(f"quantization must be auto, none, int8 or w8a8, got {self.quantization!r}")
+        if self.lm_head_quantization not in ("none", "int8", "w8a8"):
+            raise ValueError(f"lm_head_quantization must be none, int8 or w8a8, got {self.lm_head_quantization!r}")

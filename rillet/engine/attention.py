@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rillet.kernels import paged_attention
+from rillet.kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -66,7 +66,8 @@ class PagedAttention(nn.Module):
         # Bound by the model runner: [num_blocks, block_size, num_kv_heads, head_dim] each.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        self.decode_kernel = paged_attention.load()  # None: gather + SDPA
+        kernels = cpu_kernels.load()
+        self.decode_kernel = kernels.decode_attention if kernels else None  # None: gather + SDPA
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, hd]   k, v: [T, KVH, hd]   -> [T, H * hd]

@@ -16,7 +16,7 @@ from rillet.engine.model_runner import ModelRunner
 from rillet.engine.outputs import RequestOutput, SampledToken, SchedulerOutput
 from rillet.engine.policy import PolicyConfig, QoETarget, SchedulingPolicy
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
-from rillet.kernels import paged_attention
+from rillet.kernels import cpu as cpu_kernels
 from rillet.loaders import load_model
 from rillet.models.weight_formats import apply_quantization
 from rillet.request import ContextOverflow, ContextPolicy, FinishReason, Request, truncate_left
@@ -67,7 +67,7 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         dtype = _DTYPES[config.dtype]
-        paged_attention.prefetch()
+        cpu_kernels.prefetch()
         max_len = config.max_model_len or 1 << 30
         self.model, self.model_config, self.tokenizer = load_model(model, max_len, dtype)
         self.max_model_len = min(max_len, self.model_config.max_position)

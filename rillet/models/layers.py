@@ -8,18 +8,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from rillet.config import RopeConfig
+from rillet.kernels import cpu as cpu_kernels
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * (offset + w), computed in fp32. Gemma uses offset 1, everyone else 0."""
+    """x / rms(x) * (offset + w), computed in fp32. Gemma uses offset 1, everyone else 0.
+
+    One C++ op where the kernels built (torch's rms_norm is five ops, ~27 us per call at one token).
+    """
 
     def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
         self.eps = eps
         self.offset = offset
+        kernels = cpu_kernels.load()
+        self.kernel = kernels.rms_norm if kernels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., dim] -> same shape, x's dtype
+        if self.kernel is not None and x.dim() in (2, 3) and x.stride(-1) == 1 and x.dtype in _KERNEL_DTYPES:
+            return self.kernel(x, self._scale(), self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self._scale(), self.eps).to(x.dtype)
 
     def _scale(self) -> torch.Tensor:

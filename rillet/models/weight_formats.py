@@ -5,6 +5,11 @@
   faster on x @ W than on x @ W.T at 4-64 rows, the decode batch sizes. bfloat16 weights
   are packed once into oneDNN's blocked layout (PackedLinear): plain bf16 F.linear re-blocks
   the weight on every call, which made it no faster than fp32 here;
+- "auto" (the default): each decoder linear keeps two copies and takes, per call, the one measured
+  faster for its row count (SmallBatchInt8Linear): int8 weights for steps of at most 8 rows (one
+  to a few streams decoding), where reading the weights bounds the time, and the fp32 input-major
+  weights above (larger batches, prompts), where arithmetic does. Prompts are computed exactly;
+  tokens decoded in small batches carry int8 weight error (greedy agreement in docs/PERFORMANCE.md);
 - "int8": weight-only int8 with one scale per output channel, multiplied by
   torch._weight_int8pack_mm. Small batches are bound by reading weights, so halving their
   bytes pays; the LM head keeps its bf16/fp32 copy too and uses it for larger batches,
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8", "w8a8")
+QUANTIZATIONS = ("auto", "none", "int8", "w8a8")
 
 
 def _row_scales(w: torch.Tensor) -> torch.Tensor:
@@ -107,6 +112,38 @@ class Int8Linear(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class SmallBatchInt8Linear(nn.Module):
+    """fp32 linear that multiplies small batches by an int8 copy of its weight.
+
+    At most `max_int8_rows` rows: torch._weight_int8pack_mm with the activations rounded to bf16
+    (its vectorized path; with fp32 activations it is 3x slower than fp32 sgemm). Above: x @ W
+    with the fp32 weight stored [in, out]. Measured here for the 18 decoder blocks of Gemma 3 270M,
+    weights streamed from memory: 6.5 against 13.8 ms at 1 row, 10.3 against 20.2 at 4, 21.5
+    against 27.9 at 8, 34.2 against 31.9 at 16.
+    """
+
+    def __init__(self, linear: nn.Linear, max_int8_rows: int = 8) -> None:
+        super().__init__()
+        self.dense = InputMajorLinear(linear)
+        self.qweight, scale = _quantize_rows(linear.weight.detach().float())
+        self.scale = scale.to(torch.bfloat16)
+        self.max_int8_rows = max_int8_rows
+
+    @staticmethod
+    def supported(linear: nn.Linear) -> bool:
+        return linear.weight.dtype == torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > self.max_int8_rows:
+            return self.dense(x)
+        out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scale).float()
+        if self.dense.bias is not None:
+            out += self.dense.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class W8A8Linear(nn.Module):
     """y = (qx @ qw.T) * sx * sw: int8 x int8 -> int32 on VNNI, rescaled in fp32.
 
@@ -143,6 +180,38 @@ class W8A8Linear(nn.Module):
         return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
+class Int4Screen(nn.Module):
+    """Approximate logits for a single row from 4-bit weights: asymmetric, one scale and offset per
+    group of 32 inputs, multiplied by torch._weight_int4pack_mm_for_cpu with bf16 activations.
+
+    About half the bytes of int8: for Gemma 3's 262,144 x 640 head, 5.6 against 6.6 ms for the
+    int8 screen at 1 row (about 1.5 ms of a 21 ms decode step in the engine); slower from 2 rows on.
+    """
+
+    GROUP = 32
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        rows, cols = weight.shape
+        groups = weight.detach().float().view(rows, cols // self.GROUP, self.GROUP)
+        low, high = groups.amin(dim=2), groups.amax(dim=2)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        q = torch.round((groups - low.unsqueeze(2)) / scale.unsqueeze(2)).clamp(0, 15).to(torch.int32)
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.view(rows, cols), 1)
+        # the kernel's convention: w = (q - 8) * scale + zero
+        self.scales_and_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=2).contiguous().bfloat16()
+
+    @classmethod
+    def supported(cls, weight: torch.Tensor) -> bool:
+        return (hasattr(torch, "_weight_int4pack_mm_for_cpu") and weight.shape[1] % cls.GROUP == 0
+                and weight.shape[0] % 16 == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [rows, in] -> [rows, out] float32
+        return torch._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, self.GROUP,
+                                                 self.scales_and_zeros).float()
+
+
 class RescoredHead(nn.Module):
     """An LM head that screens with fast int8 logits and recomputes the best ones exactly.
 
@@ -150,12 +219,16 @@ class RescoredHead(nn.Module):
     swap close leaders; the exact argmax ranked at most 2nd among int8 logits on real prompts.
     The `num_exact` best int8 logits of each row are replaced by exact dot products with the
     dense weight, so every token greedy or top-k/top-p sampling can pick carries its exact logit;
-    only the far tail keeps int8 precision.
+    only the far tail keeps int8 precision. A single row screens with 4-bit weights (Int4Screen),
+    whose error is larger (mean 0.28, up to 2.1; the exact argmax ranked at most 8th over 1,280 rows
+    of the accuracy prompts), so it rescores its best 64 from the best 32 chunks.
     """
 
     def __init__(self, linear: nn.Linear, num_exact: int = 32, chunk: int = 1024) -> None:
         super().__init__()
         self.screen = W8A8Linear(linear)
+        # A single row (one stream decoding) screens with 4-bit weights: reading the head bounds it.
+        self.single_row_screen = Int4Screen(linear.weight) if Int4Screen.supported(linear.weight) else None
         self.dense = linear.weight.detach()  # the (tied) embedding: no extra memory
         self.bias = linear.bias
         self.num_exact = min(num_exact, self.dense.shape[0])
@@ -163,27 +236,31 @@ class RescoredHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [rows, hidden] -> logits [rows, vocab] (float32)
-        logits = self.screen(x.float()).float()
-        ids = self._candidates(logits)  # [rows, num_exact]
+        if self.single_row_screen is not None and x.shape[0] == 1:
+            logits = self.single_row_screen(x.float())
+            ids = self._candidates(logits, 2 * self.num_exact, num_chunks=32)
+        else:
+            logits = self.screen(x.float()).float()
+            ids = self._candidates(logits, self.num_exact, num_chunks=8)  # [rows, num_exact]
         exact = torch.bmm(self.dense[ids].float(), x.float().unsqueeze(2)).squeeze(2)
         if self.bias is not None:
             exact += self.bias[ids]
         return logits.scatter_(1, ids, exact)
 
-    def _candidates(self, logits: torch.Tensor) -> torch.Tensor:
+    def _candidates(self, logits: torch.Tensor, num_exact: int, num_chunks: int) -> torch.Tensor:
         """Ids of each row's `num_exact` largest logits; the top-k runs over a few chunks only.
 
         A token of rank r lies in a chunk whose maximum ranks <= r among chunk maxima, so the
         best `num_chunks` chunks hold at least the best `num_chunks` tokens of the row exactly.
         """
         rows, vocab = logits.shape
-        num_chunks = 8
+        num_exact = min(num_exact, vocab)
         if vocab % self.chunk or vocab < 4 * num_chunks * self.chunk:
-            return logits.topk(self.num_exact, dim=1).indices
+            return logits.topk(num_exact, dim=1).indices
         chunked = logits.view(rows, vocab // self.chunk, self.chunk)
         best = chunked.amax(dim=2).topk(num_chunks, dim=1).indices  # [rows, num_chunks]
         sub = chunked.gather(1, best.unsqueeze(2).expand(rows, num_chunks, self.chunk))
-        idx = sub.view(rows, -1).topk(self.num_exact, dim=1).indices  # into the gathered chunks
+        idx = sub.view(rows, -1).topk(num_exact, dim=1).indices  # into the gathered chunks
         return best.gather(1, idx // self.chunk) * self.chunk + idx % self.chunk
 
 
@@ -202,6 +279,8 @@ def apply_quantization(model: nn.Module, layers: str, lm_head: str, lm_head_dens
                 setattr(module, child_name, RescoredHead(child) if is_head else W8A8Linear(child))
             elif fmt == "int8":
                 setattr(module, child_name, Int8Linear(child, lm_head_dense_above if is_head else None))
+            elif fmt == "auto" and not is_head and SmallBatchInt8Linear.supported(child):
+                setattr(module, child_name, SmallBatchInt8Linear(child))
             elif PackedLinear.supported(child):
                 setattr(module, child_name, PackedLinear(child))
             elif InputMajorLinear.supported(child) and not is_head:

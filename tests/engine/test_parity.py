@@ -31,7 +31,7 @@ def test_logits_match_transformers(tiny_models, hf_models, family: str, source: 
     tiny = tiny_models[family]
     path = tiny.hf_dir if source == "safetensors" else tiny.gguf_path
     engine = Engine(str(path), EngineConfig(max_num_batched_tokens=32, num_kv_tokens=2048, max_num_seqs=8,
-                                            lm_head_quantization="none"))
+                                            quantization="none", lm_head_quantization="none"))
     records = capture_logits(engine)
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(1)

@@ -23,7 +23,8 @@ GREEDY_32 = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(None, EngineConfig(num_kv_tokens=16384, max_num_batched_tokens=256))
+    # The exact path: "auto" decodes small batches with int8 weights, so batch composition would show.
+    return Engine(None, EngineConfig(num_kv_tokens=16384, max_num_batched_tokens=256, quantization="none"))
 
 
 def run_alone(engine: Engine, prompts: list[str], params: SamplingParams) -> list[list[int]]:
@@ -72,7 +73,8 @@ def test_batch_invariance(engine: Engine, alone: list[list[int]]) -> None:
 
 
 def test_batch_invariance_under_preemption(engine: Engine, alone: list[list[int]]) -> None:
-    small = Engine(None, EngineConfig(num_kv_tokens=384, max_num_batched_tokens=256, max_num_seqs=16))
+    small = Engine(None, EngineConfig(num_kv_tokens=384, max_num_batched_tokens=256, max_num_seqs=16,
+                                      quantization="none"))
     together = run_together(small, mixed_prompts(engine), INVARIANCE)
     assert small.scheduler.num_preemptions > 0
     assert together == alone

@@ -18,7 +18,8 @@ NUM_REQUESTS = 32
 MAX_TOKENS = 200
 # Each request peaks at ~215 tokens = 14 blocks of 16; the pool holds 4 such requests.
 POOL_TOKENS = 4 * 14 * 16
-FLAGS = ("--max-model-len", "2048", "--max-num-seqs", "32", "--max-num-batched-tokens", "128")
+FLAGS = ("--max-model-len", "2048", "--max-num-seqs", "32", "--max-num-batched-tokens", "128",
+         "--quantization", "none")  # exact: outputs are compared across batch compositions
 PREEMPTIONS = "rillet_num_preemptions_total"
 
 

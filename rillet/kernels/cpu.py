@@ -1,9 +1,12 @@
-"""Decode attention read straight from the paged KV cache (C++, built on first use).
+"""rillet's C++ CPU kernels, built on first use:
 
-The first start compiles `paged_attention.cpp` with `-O3 -march=native` into torch's extension
-cache (~/.cache/torch_extensions by default, or $TORCH_EXTENSIONS_DIR), under a name that
-includes this CPU's feature flags; later starts only load it. If the build fails, one
-warning is logged and `load()` returns None, so callers keep their pure-torch path.
+- `paged_attention.cpp`: decode attention read straight from the paged KV cache;
+- `rms_norm.cpp`: RMS norm as one op instead of torch's five.
+
+The first start compiles them with `-O3 -march=native` into torch's extension cache
+(~/.cache/torch_extensions by default, or $TORCH_EXTENSIONS_DIR), under a name that includes this
+CPU's feature flags; later starts only load it. If the build fails, one warning is logged and
+`load()` returns None, so callers keep their pure-torch paths.
 """
 from __future__ import annotations
 
@@ -13,13 +16,14 @@ import logging
 import platform
 import threading
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rms_norm.cpp")]
 
 
 class DecodeAttention(Protocol):
@@ -31,44 +35,55 @@ class DecodeAttention(Protocol):
         ...
 
 
+class RmsNorm(Protocol):
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        """x: [rows, dim] or [a, b, dim], last dim contiguous; scale: float32 [dim] -> x's shape, contiguous."""
+        ...
+
+
+@dataclass(frozen=True)
+class Kernels:
+    decode_attention: DecodeAttention
+    rms_norm: RmsNorm
+
+
 _lock = threading.Lock()
 
 
-def load() -> DecodeAttention | None:
-    """The compiled kernel, built or loaded once per process; None where it cannot be built."""
+def load() -> Kernels | None:
+    """The compiled kernels, built or loaded once per process; None where they cannot be built."""
     with _lock:  # one build at a time, even when prefetch() is still compiling
         return _load_once()
 
 
 @functools.cache
-def _load_once() -> DecodeAttention | None:
+def _load_once() -> Kernels | None:
     return build()
 
 
 def prefetch() -> None:
-    """Start building the kernel in the background (the compiler runs while weights load)."""
+    """Start building the kernels in the background (the compiler runs while weights load)."""
     threading.Thread(target=load, name="rillet-kernel-build", daemon=True).start()
 
 
-def build() -> DecodeAttention | None:
-    """Compile (or load from the extension cache) the kernel; None after one warning on failure."""
+def build() -> Kernels | None:
+    """Compile (or load from the extension cache) the kernels; None after one warning on failure."""
     try:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name=f"rillet_paged_attention_{_cpu_tag()}",
-            sources=[str(_SOURCE)],
+            name=f"rillet_cpu_kernels_{_cpu_tag()}",
+            sources=[str(source) for source in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,  # registers torch.ops.rillet.*
         )
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, never crash
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        logger.warning("paged attention kernel unavailable, using the torch path: %s", first_line)
-        logger.debug("paged attention kernel build failure", exc_info=True)
+        logger.warning("C++ kernels unavailable, using the torch paths: %s", first_line)
+        logger.debug("C++ kernel build failure", exc_info=True)
         return None
-    kernel: DecodeAttention = torch.ops.rillet.paged_decode_attention
-    return kernel
+    return Kernels(decode_attention=torch.ops.rillet.paged_decode_attention, rms_norm=torch.ops.rillet.rms_norm)
 
 
 def _cpu_tag() -> str:

@@ -1,7 +1,9 @@
-"""The C++ paged decode-attention kernel equals the torch path (gather + SDPA with a mask).
+"""The C++ kernels equal their torch paths.
 
-Random caches, shuffled physical blocks, tables padded with block 0, first logical blocks at or
-before the window's start, GQA, sliding windows, float32 and bfloat16.
+Paged decode attention against gather + SDPA with a mask: random caches, shuffled physical blocks,
+tables padded with block 0, first logical blocks at or before the window's start, GQA, sliding
+windows, float32 and bfloat16. RMS norm against torch's rms_norm: 2-d and strided 3-d inputs,
+widths that are not a multiple of the vector width, both dtypes.
 """
 from __future__ import annotations
 
@@ -12,17 +14,17 @@ import torch
 
 from rillet.engine.attention import PagedAttention
 from rillet.engine.model_runner import _mask
-from rillet.kernels import paged_attention
+from rillet.kernels import cpu as cpu_kernels
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(scope="module")
-def kernel() -> paged_attention.DecodeAttention:
-    op = paged_attention.load()
-    if op is None:
-        pytest.skip("the paged attention kernel did not build here")
-    return op
+def kernel() -> cpu_kernels.DecodeAttention:
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip("the C++ kernels did not build here")
+    return kernels.decode_attention
 
 
 def random_tables(gen: torch.Generator, q_pos: torch.Tensor, block_size: int, window: int | None,
@@ -51,7 +53,7 @@ def torch_path(layer: PagedAttention, q: torch.Tensor, tables: torch.Tensor, fir
 @pytest.mark.parametrize("window", [None, 7, 24, 512])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim", "block_size"),
                          [(4, 1, 256, 16), (4, 4, 64, 16), (8, 2, 128, 5), (2, 1, 32, 1)])
-def test_matches_torch_path(kernel: paged_attention.DecodeAttention, num_seqs: int, dtype: torch.dtype,
+def test_matches_torch_path(kernel: cpu_kernels.DecodeAttention, num_seqs: int, dtype: torch.dtype,
                             window: int | None, num_heads: int, num_kv_heads: int, head_dim: int,
                             block_size: int) -> None:
     gen = torch.Generator().manual_seed(num_heads * 1000 + head_dim * 10 + block_size + (window or 0) * 7)
@@ -77,7 +79,7 @@ def test_matches_torch_path(kernel: paged_attention.DecodeAttention, num_seqs: i
     assert worst <= TOLERANCE[dtype], f"max |difference| {worst:.2e}"
 
 
-def test_strided_query(kernel: paged_attention.DecodeAttention) -> None:
+def test_strided_query(kernel: cpu_kernels.DecodeAttention) -> None:
     """q may be a view with padded rows, as a slice of a larger projection is."""
     gen = torch.Generator().manual_seed(0)
     layer = PagedAttention(4, 1, 64, 0.125, group=0)
@@ -90,10 +92,43 @@ def test_strided_query(kernel: paged_attention.DecodeAttention) -> None:
     assert torch.allclose(out, torch_path(layer, q, tables, firsts, q_pos, None), atol=1e-5)
 
 
-def test_bad_block_id_raises(kernel: paged_attention.DecodeAttention) -> None:
+def test_bad_block_id_raises(kernel: cpu_kernels.DecodeAttention) -> None:
     cache = torch.zeros(4, 16, 1, 64)
     with pytest.raises(RuntimeError, match="out of range"):
         kernel(torch.zeros(1, 4, 64), cache, cache, torch.tensor([[9]]), torch.tensor([0]), torch.tensor([3]), 0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def rms_norm() -> cpu_kernels.RmsNorm:
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip("the C++ kernels did not build here")
+    return kernels.rms_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 640), (7, 256), (300, 37), (0, 64)])
+def test_rms_norm_matches_torch(rms_norm: cpu_kernels.RmsNorm, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    scale = torch.rand(shape[1], generator=gen) + 0.5
+    want = torch.nn.functional.rms_norm(x.float(), (shape[1],), scale, 1e-6).to(dtype)
+    got = rms_norm(x, scale, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_rms_norm_of_strided_heads(rms_norm: cpu_kernels.RmsNorm) -> None:
+    # q and k come as views of one fused qkv output: [T, heads, dim] with a row stride past heads * dim
+    qkv = torch.randn(5, 4 * 64 + 2 * 64)
+    k = qkv[:, 4 * 64:5 * 64].view(5, 1, 64)
+    q = qkv[:, :4 * 64].view(5, 4, 64)
+    scale = torch.rand(64) + 0.5
+    for x in (q, k):
+        want = torch.nn.functional.rms_norm(x, (64,), scale, 1e-6)
+        torch.testing.assert_close(rms_norm(x, scale, 1e-6), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="contiguous last dim"):
+        rms_norm(qkv.t(), torch.ones(5), 1e-6)
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -103,7 +138,7 @@ def test_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, capl
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    with caplog.at_level(logging.WARNING, logger=paged_attention.__name__):
-        assert paged_attention.build() is None
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels.build() is None
     assert [r.getMessage() for r in caplog.records] == [
-        "paged attention kernel unavailable, using the torch path: Ninja is required to load C++ extensions"]
+        "C++ kernels unavailable, using the torch paths: Ninja is required to load C++ extensions"]

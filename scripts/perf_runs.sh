@@ -29,19 +29,19 @@ T0=$(date +%s.%N)
 start 8000 rillet_default.log rillet serve --port 8000
 echo "rillet serve to ready: $(python -c "print(round($(date +%s.%N) - $T0, 1))") s (default options)"
 start 8001 rillet_fcfs.log rillet serve --port 8001 --scheduling-policy fcfs
-start 8002 rillet_bf16.log rillet serve --port 8002 --dtype bfloat16
+start 8002 rillet_exact.log rillet serve --port 8002 --quantization none
 start 8004 rillet_w8a8.log rillet serve --port 8004 --quantization w8a8
 start 8080 llama.log "$LLAMA" -m "$MODEL" -t 2 -np 32 -c 65536 --port 8080
 
-R=http://127.0.0.1:8000; F=http://127.0.0.1:8001; B=http://127.0.0.1:8002; W=http://127.0.0.1:8004
+R=http://127.0.0.1:8000; F=http://127.0.0.1:8001; E=http://127.0.0.1:8002; W=http://127.0.0.1:8004
 L=http://127.0.0.1:8080
 COMMON=(--output-tokens 128 --prompt-words 60)
 
-rillet bench --url $R --compare $L --compare $B --compare $W --concurrency 1 --num-requests 8 "${COMMON[@]}" \
+rillet bench --url $R --compare $L --compare $E --compare $W --concurrency 1 --num-requests 8 "${COMMON[@]}" \
   --json "$OUT/c1.json"
-rillet bench --url $R --compare $L --compare $B --compare $W --concurrency 32 --num-requests 64 "${COMMON[@]}" \
+rillet bench --url $R --compare $L --compare $E --compare $W --concurrency 32 --num-requests 64 "${COMMON[@]}" \
   --json "$OUT/c32.json"
-kill "${PIDS[3]}" "${PIDS[2]}"  # the bf16 and w8a8 servers: not needed below
+kill "${PIDS[3]}" "${PIDS[2]}"  # the exact and w8a8 servers: not needed below
 rillet bench --url $R --compare $F --compare $L --sweep 1,1.5,2,2.5,3 --num-requests 30 "${COMMON[@]}" \
   --json "$OUT/sweep.json" --plot "$OUT/sweep"
 

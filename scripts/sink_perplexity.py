@@ -101,7 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     engine = Engine(args.model, EngineConfig(max_model_len=args.context, max_num_batched_tokens=args.chunk,
                                              num_kv_tokens=args.context + 2 * args.chunk, max_num_seqs=1,
-                                             enable_prefix_caching=False, lm_head_quantization="none"))
+                                             enable_prefix_caching=False, quantization="none",
+                                             lm_head_quantization="none"))
     ids = engine.tokenizer.encode(corpus())[:args.num_tokens]
     assert len(ids) == args.num_tokens, f"the corpus has only {len(ids)} tokens"
     print(f"{len(ids)} tokens of pydoc_data.topics, context {args.context}, chunk {args.chunk}, "

@@ -28,7 +28,7 @@ class Gemma3Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        q, k = rotary(positions, self.q_norm(q), self.k_norm(k))
+        q, k = rotary(positions, (q, self.q_norm), (k, self.k_norm))
         return self.o_proj(self.attn(q, k, v))
 
 

@@ -72,7 +72,9 @@ class Rotary(nn.Module):
 
     x * cos + rotate_half(x) * sin, with cos and sin stored at full width and the sign of rotate_half
     folded into sin: three ops per tensor. The tables of a step's positions are looked up once and
-    reused by every layer (the model passes the same positions tensor to each).
+    reused by every layer (the model passes the same positions tensor to each). A per-head RMS norm
+    to apply first (Gemma 3's and Qwen 3's q and k norms) comes with its tensor; where the C++
+    kernels built, norm and rotation are one op.
     """
 
     def __init__(self, rope: RopeConfig, dim: int, max_position: int) -> None:
@@ -84,17 +86,24 @@ class Rotary(nn.Module):
         self.register_buffer("cos", torch.cat((freqs.cos(), freqs.cos()), dim=-1), persistent=False)  # [P, dim]
         self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)
         self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        kernels = cpu_kernels.load()
+        self.kernel = kernels.rope if kernels else None
+        self._no_scale = torch.empty(0)
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
-        # positions: [T]   each x: [T, heads, dim]
+    def forward(self, positions: torch.Tensor, *xs: tuple[torch.Tensor, RMSNorm | None]) -> list[torch.Tensor]:
+        # positions: [T]   each x: ([T, heads, dim], the norm to apply first or None)
         if self._cached is None or self._cached[0] is not positions:
-            self._cached = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+            self._cached = (positions, self.cos[positions], self.sin[positions])  # [T, dim] each
         _, cos, sin = self._cached
         out = []
-        for x in xs:
-            xf = x.float()
+        for x, norm in xs:
+            if self.kernel is not None and x.stride(-1) == 1 and x.dtype in _KERNEL_DTYPES:
+                scale, eps = (norm._scale(), norm.eps) if norm is not None else (self._no_scale, 0.0)
+                out.append(self.kernel(x, cos, sin, scale, eps))
+                continue
+            xf = (norm(x) if norm is not None else x).float()
             x1, x2 = xf.chunk(2, dim=-1)
-            out.append(torch.addcmul(xf * cos, torch.cat((x2, x1), dim=-1), sin).to(x.dtype))
+            out.append(torch.addcmul(xf * cos.unsqueeze(1), torch.cat((x2, x1), dim=-1), sin.unsqueeze(1)).to(x.dtype))
         return out
 
 

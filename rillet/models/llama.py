@@ -23,9 +23,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = rotary(positions, (q, self.q_norm), (k, self.k_norm))
         return self.o_proj(self.attn(q, k, v))
 
 

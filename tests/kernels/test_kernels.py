@@ -131,6 +131,30 @@ def test_rms_norm_of_strided_heads(rms_norm: cpu_kernels.RmsNorm) -> None:
         rms_norm(qkv.t(), torch.ones(5), 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_rope_matches_the_torch_path(dtype: torch.dtype, with_norm: bool) -> None:
+    from rillet.config import RopeConfig
+    from rillet.models.layers import RMSNorm, Rotary
+
+    rotary = Rotary(RopeConfig(theta=10000.0), 64, 512)
+    if rotary.kernel is None:
+        pytest.skip("the C++ kernels did not build here")
+    norm = RMSNorm(64, 1e-6, offset=1.0) if with_norm else None
+    if norm is not None:
+        torch.nn.init.normal_(norm.weight)
+    qkv = torch.randn(7, 6 * 64).to(dtype)  # q: 4 heads, k: 1 head, v: 1 head, as views of one output
+    q, k = qkv[:, :4 * 64].view(7, 4, 64), qkv[:, 4 * 64:5 * 64].view(7, 1, 64)
+    positions = torch.tensor([0, 1, 2, 40, 41, 300, 511])
+    fast = rotary(positions, (q, norm), (k, norm))
+    rotary.kernel = None
+    rotary._cached = None
+    slow = rotary(positions, (q, norm), (k, norm))
+    for got, want in zip(fast, slow):
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
 def test_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from torch.utils import cpp_extension
 

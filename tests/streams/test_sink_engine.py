@@ -38,16 +38,15 @@ def test_shifted_keys_equal_keys_rotated_at_the_new_position(tiny_models) -> Non
     layers = [m for m in engine.model.modules() if isinstance(m, PagedAttention)]
     for layer in layers:
         # Old layout: positions 0..3 (sinks) in block 1, positions 36.. (kept) at slots 4.. after the shift.
-        (k_old,) = rotaries[layer.group](torch.arange(num_kv + delta), raw)
+        (k_old,) = rotaries[layer.group](torch.arange(num_kv + delta), (raw, None))
         flat = layer.k_cache.view(-1, *layer.k_cache.shape[2:])
         new_pos = torch.arange(num_kv)
         old_pos = torch.where(new_pos < 4, new_pos, new_pos + delta)
         flat[torch.tensor(table)[new_pos // bs] * bs + new_pos % bs] = k_old[old_pos]
     engine.kv_shifter.apply([KVShift("x", [table, table], [None, None], 4, num_kv, delta)])
     for layer in layers:
-        (expected,) = rotaries[layer.group](torch.arange(num_kv), raw[torch.where(torch.arange(num_kv) < 4,
-                                                                                   torch.arange(num_kv),
-                                                                                   torch.arange(num_kv) + delta)])
+        kept = raw[torch.where(torch.arange(num_kv) < 4, torch.arange(num_kv), torch.arange(num_kv) + delta)]
+        (expected,) = rotaries[layer.group](torch.arange(num_kv), (kept, None))
         flat = layer.k_cache.view(-1, *layer.k_cache.shape[2:])
         pos = torch.arange(num_kv)
         got = flat[torch.tensor(table)[pos // bs] * bs + pos % bs]

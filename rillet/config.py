@@ -85,9 +85,9 @@ class EngineConfig:
                 "none (the dtype's weights only: exact in float32), int8 (weights only) or w8a8 "
                 "(weights and activations)"})
     lm_head_quantization: str = field(default="w8a8", metadata={
-        "help": "quantization of the LM head: w8a8 (int8 screening, then the 32 best logits of each row "
-                "recomputed exactly: greedy output identical to none on the accuracy prompts, ~3x faster), "
-                "none (exact) or int8"})
+        "help": "quantization of the LM head: w8a8 (int8 screening, 4-bit for a single row, then each row's "
+                "best 32 (64) logits recomputed exactly: greedy output identical to none on the accuracy "
+                "prompts, ~3x faster), none (exact) or int8"})
     num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: all cores)"})
     scheduling_policy: str = field(default="qoe", metadata={
         "help": "who goes first when a step cannot serve everyone: qoe (the stream closest to "

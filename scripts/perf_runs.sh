@@ -45,6 +45,13 @@ kill "${PIDS[3]}" "${PIDS[2]}"  # the exact and w8a8 servers: not needed below
 rillet bench --url $R --compare $F --compare $L --sweep 1,1.5,2,2.5,3 --num-requests 30 "${COMMON[@]}" \
   --json "$OUT/sweep.json" --plot "$OUT/sweep"
 
+# The targets table's sweeps: past llama-server's limit with 30 requests per rate, and 60 per rate.
+rillet bench --url $R --compare $L --sweep 4,5,6,8,10,12.5 --num-requests 30 "${COMMON[@]}" --seed 1 \
+  --json "$OUT/sweep_4_to_12.json" --plot "$OUT/sweep_4_to_12"
+rillet bench --url $R --compare $L --sweep 2,3,4,6 --num-requests 60 "${COMMON[@]}" --seed 1 \
+  --json "$OUT/sweep_60.json" --plot "$OUT/sweep_60"
+rillet bench --url $L --sweep 1,1.5 --num-requests 60 "${COMMON[@]}" --seed 1 --json "$OUT/sweep_60_llama_low.json"
+
 # A long prompt among 8 streams: llama-server needs slots of more than 4,000 tokens for it.
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'
 start 8081 llama_stall.log "$LLAMA" -m "$MODEL" -t 2 -np 16 -c 131072 --port 8081

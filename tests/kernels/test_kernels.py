@@ -20,10 +20,15 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(scope="module")
-def kernel() -> cpu_kernels.DecodeAttention:
-    kernels = cpu_kernels.load()
-    if kernels is None:
+def kernels() -> cpu_kernels.Kernels:
+    built = cpu_kernels.load()
+    if built is None:
         pytest.skip("the C++ kernels did not build here")
+    return built
+
+
+@pytest.fixture(scope="module")
+def kernel(kernels: cpu_kernels.Kernels) -> cpu_kernels.DecodeAttention:
     return kernels.decode_attention
 
 
@@ -99,10 +104,7 @@ def test_bad_block_id_raises(kernel: cpu_kernels.DecodeAttention) -> None:
 
 
 @pytest.fixture(scope="module")
-def rms_norm() -> cpu_kernels.RmsNorm:
-    kernels = cpu_kernels.load()
-    if kernels is None:
-        pytest.skip("the C++ kernels did not build here")
+def rms_norm(kernels: cpu_kernels.Kernels) -> cpu_kernels.RmsNorm:
     return kernels.rms_norm
 
 

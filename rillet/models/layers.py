@@ -97,7 +97,7 @@ class Rotary(nn.Module):
         _, cos, sin = self._cached
         out = []
         for x, norm in xs:
-            if self.kernel is not None and x.stride(-1) == 1 and x.dtype in _KERNEL_DTYPES:
+            if self.kernel is not None and x.dim() == 3 and x.stride(-1) == 1 and x.dtype in _KERNEL_DTYPES:
                 scale, eps = (norm._scale(), norm.eps) if norm is not None else (self._no_scale, 0.0)
                 out.append(self.kernel(x, cos, sin, scale, eps))
                 continue

@@ -27,6 +27,8 @@ def test_one_minute_of_32_streams(tiny_models: dict[str, TinyModel], tmp_path_fa
     assert report.num_requests >= CONCURRENCY
     growth = report.rss_growth()
     assert growth is not None and growth < MAX_RSS_GROWTH, report.summary()
-    assert report.idle_fds_before is not None and report.idle_fds_after == report.idle_fds_before
+    # No leak: no more descriptors once idle than right after start (which can count the readiness probe's).
+    assert report.idle_fds_before is not None and report.idle_fds_after is not None
+    assert report.idle_fds_after <= report.idle_fds_before, report.summary()
     assert report.kv_idle_after
     assert report.failures() == []

@@ -184,8 +184,9 @@ class Int4Screen(nn.Module):
     """Approximate logits for a single row from 4-bit weights: asymmetric, one scale and offset per
     group of 32 inputs, multiplied by torch._weight_int4pack_mm_for_cpu with bf16 activations.
 
-    About half the bytes of int8: for Gemma 3's 262,144 x 640 head, 5.6 against 6.6 ms for the
-    int8 screen at 1 row (about 1.5 ms of a 21 ms decode step in the engine); slower from 2 rows on.
+    About half the bytes of int8: for Gemma 3's 262,144 x 640 head, 5.5 against 6.6 ms for the
+    int8 screen at 1 row (0.5-1.5 ms of a 21 ms decode step in the engine); about equal at 2 rows
+    (6.9 against 7.0), slower from 3 (8.7 against 7.6).
     """
 
     GROUP = 32

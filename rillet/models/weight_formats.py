@@ -184,8 +184,8 @@ class Int4Screen(nn.Module):
     """Approximate logits for a single row from 4-bit weights: asymmetric, one scale and offset per
     group of inputs, multiplied by torch._weight_int4pack_mm_for_cpu with bf16 activations.
 
-    About half the bytes of int8: for Gemma 3's 262,144 x 640 head, 5.5 against 6.6 ms for the
-    int8 screen at 1 row (0.5-1.5 ms of a 21 ms decode step in the engine); about equal at 2 rows
+    About half the bytes of int8: for Gemma 3's 262,144 x 640 head with groups of 32, 5.5 against
+    6.6 ms for the int8 screen at 1 row (0.5-1.5 ms of a 21 ms decode step in the engine); about equal at 2 rows
     (6.9 against 7.0), slower from 3 (8.7 against 7.6).
 
     Groups are the largest of 128, 64 or 32 inputs that divides the row: the bf16 scales and offsets
@@ -194,7 +194,7 @@ class Int4Screen(nn.Module):
     accuracy prompts ranked at most 10th among the 4-bit logits (7th with groups of 32).
     """
 
-    GROUPS = (128, 64, 32)  # the kernel's supported sizes, largest first
+    GROUPS = (128, 64, 32)  # group sizes tried, largest first (fewer scale bytes)
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()

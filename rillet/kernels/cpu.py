@@ -2,7 +2,9 @@
 
 - `paged_attention.cpp`: decode attention read straight from the paged KV cache;
 - `rms_norm.cpp`: RMS norm as one op instead of torch's five;
-- `rope.cpp`: rotary embedding, after an optional per-head RMS norm, as one op instead of ~10.
+- `rope.cpp`: rotary embedding, after an optional per-head RMS norm, as one op instead of ~10;
+- `int8_linear.cpp`: a few fp32 rows times int8 weights (packed once into 4 x 16 tiles) at
+  close to the memory bandwidth.
 
 The first start compiles them with `-O3 -march=native` into torch's extension cache
 (~/.cache/torch_extensions by default, or $TORCH_EXTENSIONS_DIR), under a name that includes this
@@ -24,7 +26,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rms_norm.cpp", "rope.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rms_norm.cpp", "rope.cpp",
+                                                           "int8_linear.cpp")]
 
 
 class DecodeAttention(Protocol):
@@ -50,11 +53,26 @@ class Rope(Protocol):
         ...
 
 
+class Int8Linear(Protocol):
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x: float32 [rows, in] contiguous; packed: int8 [out, in] from pack_int8_tiles; scale: float32
+        [out] -> x @ (q * scale).T, float32 [rows, out]. out must be a multiple of 4, in of 16."""
+        ...
+
+
+def pack_int8_tiles(q: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] -> the int8_linear kernel's layout: tiles of 4 outputs x 16 inputs, row by row."""
+    out_features, in_features = q.shape
+    tiles = q.view(out_features // 4, 4, in_features // 16, 16).permute(0, 2, 1, 3)
+    return tiles.contiguous().view(out_features, in_features)
+
+
 @dataclass(frozen=True)
 class Kernels:
     decode_attention: DecodeAttention
     rms_norm: RmsNorm
     rope: Rope
+    int8_linear: Int8Linear
 
 
 _lock = threading.Lock()
@@ -94,7 +112,8 @@ def build() -> Kernels | None:
         logger.debug("C++ kernel build failure", exc_info=True)
         return None
     ops = torch.ops.rillet
-    return Kernels(decode_attention=ops.paged_decode_attention, rms_norm=ops.rms_norm, rope=ops.rope)
+    return Kernels(decode_attention=ops.paged_decode_attention, rms_norm=ops.rms_norm, rope=ops.rope,
+                   int8_linear=ops.int8_linear)
 
 
 def _cpu_tag() -> str:

@@ -6,7 +6,8 @@
   are packed once into oneDNN's blocked layout (PackedLinear): plain bf16 F.linear re-blocks
   the weight on every call, which made it no faster than fp32 here;
 - "auto" (the default): each decoder linear keeps two copies and takes, per call, the one measured
-  faster for its row count (SmallBatchInt8Linear): int8 weights for steps of at most 8 rows (one
+  faster for its row count (SmallBatchInt8Linear): int8 weights (rillet's int8_linear kernel) for
+  steps of at most 8 rows (one
   to a few streams decoding), where reading the weights bounds the time, and the fp32 input-major
   weights above (larger batches, prompts), where arithmetic does. Prompts are computed exactly;
   tokens decoded in small batches carry int8 weight error (greedy agreement in docs/PERFORMANCE.md);
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from rillet.kernels import cpu as cpu_kernels
 
 QUANTIZATIONS = ("auto", "none", "int8", "w8a8")
 
@@ -115,19 +118,27 @@ class Int8Linear(nn.Module):
 class SmallBatchInt8Linear(nn.Module):
     """fp32 linear that multiplies small batches by an int8 copy of its weight.
 
-    At most `max_int8_rows` rows: torch._weight_int8pack_mm with the activations rounded to bf16
-    (its vectorized path; with fp32 activations it is 3x slower than fp32 sgemm). Above: x @ W
-    with the fp32 weight stored [in, out]. Measured here for the 18 decoder blocks of Gemma 3 270M,
-    weights streamed from memory: 6.5 against 13.8 ms at 1 row, 10.3 against 20.2 at 4, 21.5
-    against 27.9 at 8, 34.2 against 31.9 at 16.
+    At most `max_int8_rows` rows: rillet's int8_linear kernel (fp32 activations, the weight packed
+    into 4 x 16 tiles and read as one stream per thread), or where the kernels did not build,
+    torch._weight_int8pack_mm with the activations rounded to bf16 (its vectorized path). Above:
+    x @ W with the fp32 weight stored [in, out]. Measured here for the 18 decoder blocks of Gemma 3
+    270M, weights streamed from memory (kernel / torch's int8 / fp32): 8.7 / 11.7 / 17.6 ms at
+    1 row, 9.0 / 13.3 / 27.6 at 4, 16.7 / 23.1 / 36.5 at 8, 31-43 / 44 / 37-45 at 16.
     """
 
     def __init__(self, linear: nn.Linear, max_int8_rows: int = 8) -> None:
         super().__init__()
         self.dense = InputMajorLinear(linear)
-        self.qweight, scale = _quantize_rows(linear.weight.detach().float())
-        self.scale = scale.to(torch.bfloat16)
+        qweight, scale = _quantize_rows(linear.weight.detach().float())
         self.max_int8_rows = max_int8_rows
+        kernels = cpu_kernels.load()
+        out_features, in_features = qweight.shape
+        if kernels is not None and out_features % 4 == 0 and in_features % 16 == 0:
+            self.kernel = kernels.int8_linear
+            self.qweight, self.scale = cpu_kernels.pack_int8_tiles(qweight), scale
+        else:
+            self.kernel = None
+            self.qweight, self.scale = qweight, scale.to(torch.bfloat16)
 
     @staticmethod
     def supported(linear: nn.Linear) -> bool:
@@ -138,7 +149,10 @@ class SmallBatchInt8Linear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] > self.max_int8_rows:
             return self.dense(x)
-        out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scale).float()
+        if self.kernel is not None:
+            out = self.kernel(flat.contiguous(), self.qweight, self.scale)
+        else:
+            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scale).float()
         if self.dense.bias is not None:
             out += self.dense.bias
         return out.view(*x.shape[:-1], out.shape[-1])

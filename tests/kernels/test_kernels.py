@@ -3,7 +3,8 @@
 Paged decode attention against gather + SDPA with a mask: random caches, shuffled physical blocks,
 tables padded with block 0, first logical blocks at or before the window's start, GQA, sliding
 windows, float32 and bfloat16. RMS norm against torch's rms_norm: 2-d and strided 3-d inputs,
-widths that are not a multiple of the vector width, both dtypes.
+widths that are not a multiple of the vector width, both dtypes. The int8 linear against the
+dequantized product in float64, for row counts on both sides of its 4-row passes.
 """
 from __future__ import annotations
 
@@ -155,6 +156,26 @@ def test_rope_matches_the_torch_path(dtype: torch.dtype, with_norm: bool) -> Non
     for got, want in zip(fast, slow):
         assert got.shape == want.shape and got.dtype == dtype
         torch.testing.assert_close(got, want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize(("out_features", "in_features"), [(4, 16), (40, 96), (1536, 640)])
+def test_int8_linear_is_the_dequantized_product(kernels: cpu_kernels.Kernels, rows: int, out_features: int,
+                                                in_features: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=gen)
+    scale = torch.rand(out_features, generator=gen) / 100
+    x = torch.randn(rows, in_features, generator=gen)
+    got = kernels.int8_linear(x, cpu_kernels.pack_int8_tiles(q), scale)
+    want = x.double() @ (q.double() * scale.double()[:, None]).t()
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_linear_rejects_shapes_it_cannot_tile(kernels: cpu_kernels.Kernels) -> None:
+    q = torch.zeros(6, 16, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        kernels.int8_linear(torch.zeros(1, 16), q, torch.ones(6))
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

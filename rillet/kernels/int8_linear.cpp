@@ -9,7 +9,7 @@
 //   packed[n / 4][k / 16][n % 4][k % 16] = q[n][k]
 //
 // so each 64-byte load brings 16 inputs of 4 outputs. Each 16 int8 widen to 16 floats and
-// multiply up to 4 rows of x at once (16 accumulators). Threads split the output tiles; each
+// multiply up to 4 rows of x at once (16 accumulators). Threads share out the output tiles; each
 // tile's weights are read once from memory for all rows of x.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -20,6 +20,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -151,10 +152,17 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // NOTE: 16 tiles (64 outputs) per task at least, so small weights do not wake the pool for nothing.
-  at::parallel_for(0, N / kTileN, 16, [&](int64_t begin, int64_t end) {
+  // Threads take chunks of 16 tiles (64 outputs) from a shared counter rather than a fixed half
+  // each: on two cores shared with the HTTP server, a thread the OS pauses mid-GEMM leaves its
+  // chunks to the other instead of stalling the step.
+  const int64_t num_tiles = N / kTileN, chunk = 16, num_chunks = (num_tiles + chunk - 1) / chunk;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_chunks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> buf(M > kMaxRowsPerPass ? kTileN * K : 0);
-    for (int64_t t = begin; t < end; ++t) rows_by_tile(xp, M, K, wp, sp, op, N, t * kTileN, buf.data());
+    for (int64_t c = next++; c < num_chunks; c = next++)
+      for (int64_t t = c * chunk; t < std::min(num_tiles, (c + 1) * chunk); ++t)
+        rows_by_tile(xp, M, K, wp, sp, op, N, t * kTileN, buf.data());
   });
   return out;
 }

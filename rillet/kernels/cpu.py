@@ -4,7 +4,8 @@
 - `rms_norm.cpp`: RMS norm as one op instead of torch's five;
 - `rope.cpp`: rotary embedding, after an optional per-head RMS norm, as one op instead of ~10;
 - `int8_linear.cpp`: a few fp32 rows times int8 weights (packed once into 4 x 16 tiles) at
-  close to the memory bandwidth.
+  close to the memory bandwidth;
+- `gated_act.cpp`: the gated MLP's act(gate) * up as one op instead of three.
 
 The first start compiles them with `-O3 -march=native` into torch's extension cache
 (~/.cache/torch_extensions by default, or $TORCH_EXTENSIONS_DIR), under a name that includes this
@@ -27,7 +28,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rms_norm.cpp", "rope.cpp",
-                                                           "int8_linear.cpp")]
+                                                           "int8_linear.cpp", "gated_act.cpp")]
 
 
 class DecodeAttention(Protocol):
@@ -60,6 +61,13 @@ class Int8Linear(Protocol):
         ...
 
 
+class GatedAct(Protocol):
+    def __call__(self, gate_up: torch.Tensor, act: str) -> torch.Tensor:
+        """gate_up: float32 [rows, 2 * width] contiguous, gate then up; act: "gelu_tanh" or "silu"
+        -> act(gate) * up, float32 [rows, width]."""
+        ...
+
+
 def pack_int8_tiles(q: torch.Tensor) -> torch.Tensor:
     """int8 [out, in] -> the int8_linear kernel's layout: tiles of 4 outputs x 16 inputs, row by row."""
     out_features, in_features = q.shape
@@ -73,6 +81,7 @@ class Kernels:
     rms_norm: RmsNorm
     rope: Rope
     int8_linear: Int8Linear
+    gated_act: GatedAct
 
 
 _lock = threading.Lock()
@@ -113,7 +122,7 @@ def build() -> Kernels | None:
         return None
     ops = torch.ops.rillet
     return Kernels(decode_attention=ops.paged_decode_attention, rms_norm=ops.rms_norm, rope=ops.rope,
-                   int8_linear=ops.int8_linear)
+                   int8_linear=ops.int8_linear, gated_act=ops.gated_act)
 
 
 def _cpu_tag() -> str:

@@ -124,15 +124,21 @@ class QKVProjection(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), gate and up as one GEMM (stacked at load)."""
+    """down(act(gate(x)) * up(x)), gate and up as one GEMM (stacked at load); act(gate) * up is one
+    C++ op where the kernels built (torch's chunk, gelu and mul: ~19 against ~7 us at one token)."""
 
     def __init__(self, hidden: int, intermediate: int, act: str = "silu") -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.act = act
+        kernels = cpu_kernels.load()
+        self.kernel = kernels.gated_act if kernels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernel is not None and gate_up.dtype == torch.float32 and gate_up.dim() == 2 and gate_up.is_contiguous():
+            return self.down_proj(self.kernel(gate_up, self.act))
+        gate, up = gate_up.chunk(2, dim=-1)
         gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
         return self.down_proj(gate.mul_(up))

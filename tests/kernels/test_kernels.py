@@ -4,7 +4,8 @@ Paged decode attention against gather + SDPA with a mask: random caches, shuffle
 tables padded with block 0, first logical blocks at or before the window's start, GQA, sliding
 windows, float32 and bfloat16. RMS norm against torch's rms_norm: 2-d and strided 3-d inputs,
 widths that are not a multiple of the vector width, both dtypes. The int8 linear against the
-dequantized product in float64, for row counts on both sides of its 4-row passes.
+dequantized product in float64, for row counts on both sides of its 4-row passes. The gated
+activation against torch's gelu (tanh) and silu.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rillet.engine.attention import PagedAttention
 from rillet.engine.model_runner import _mask
@@ -176,6 +178,17 @@ def test_int8_linear_rejects_shapes_it_cannot_tile(kernels: cpu_kernels.Kernels)
     q = torch.zeros(6, 16, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="multiple of 4"):
         kernels.int8_linear(torch.zeros(1, 16), q, torch.ones(6))
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_gated_act_matches_torch(kernels: cpu_kernels.Kernels, act: str, rows: int) -> None:
+    gate_up = torch.randn(rows, 2 * 200, generator=torch.Generator().manual_seed(rows)) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = (F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")) * up
+    got = kernels.gated_act(gate_up, act)
+    assert got.shape == (rows, 200)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

@@ -137,7 +137,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.kernel is not None and gate_up.dtype == torch.float32 and gate_up.dim() == 2 and gate_up.is_contiguous():
+        fused = gate_up.dtype == torch.float32 and gate_up.dim() == 2 and gate_up.is_contiguous()
+        if self.kernel is not None and fused:
             return self.down_proj(self.kernel(gate_up, self.act))
         gate, up = gate_up.chunk(2, dim=-1)
         gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")

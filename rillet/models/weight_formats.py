@@ -143,11 +143,11 @@ class SmallBatchInt8Linear(nn.Module):
         self.max_int8_rows = max_int8_rows
         kernels = cpu_kernels.load()
         out_features, in_features = qweight.shape
+        self.kernel: cpu_kernels.Int8Linear | None = None
         if kernels is not None and out_features % 4 == 0 and in_features % 16 == 0:
             self.kernel = kernels.int8_linear
             self.qweight, self.scale = cpu_kernels.pack_int8_tiles(qweight), scale
         else:
-            self.kernel = None
             self.qweight, self.scale = qweight, scale.to(torch.bfloat16)
 
     @staticmethod

@@ -148,12 +148,17 @@ class _Choice:
     """What one choice has produced so far."""
 
     def __init__(self) -> None:
-        self.text = ""
+        self.pieces: list[str] = []  # joined once, at the end: += per token is quadratic in long streams
+        self.num_chars = 0
         self.logprobs: list[SampledToken] = []
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.overflow: OverflowReport | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 class ResponseBuilder:
@@ -173,7 +178,9 @@ class ResponseBuilder:
 
     def add(self, out: RequestOutput) -> None:
         c = self.choices[out.index]
-        c.text += out.text
+        if out.text:
+            c.pieces.append(out.text)
+            c.num_chars += len(out.text)
         c.logprobs.extend(out.logprobs or [])
         c.num_output_tokens = max(c.num_output_tokens, out.num_output_tokens)
         if out.finished:
@@ -215,7 +222,7 @@ class CompletionBuilder(ResponseBuilder):
 
     def _echo(self, out: RequestOutput) -> RequestOutput:
         """The choice's first output with the prompt (and its logprobs, if scored) in front."""
-        if self.echo_text is None or self.choices[out.index].text or self.choices[out.index].logprobs:
+        if self.echo_text is None or self.choices[out.index].num_chars or self.choices[out.index].logprobs:
             return out
         scores = out.prompt_logprobs or []
         prompt = [SampledToken(t, lp, []) for t, lp in zip(self.echo_prompt_ids, scores)]
@@ -223,7 +230,7 @@ class CompletionBuilder(ResponseBuilder):
                                    logprobs=prompt + (out.logprobs or []) if out.logprobs is not None else None)
 
     def chunk(self, out: RequestOutput) -> BaseModel | None:
-        offset = len(self.choices[out.index].text)
+        offset = self.choices[out.index].num_chars
         out = self._echo(out)
         self.add(out)
         if not (out.text or out.finished or out.logprobs):

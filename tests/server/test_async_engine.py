@@ -187,11 +187,12 @@ def test_close_aborts_and_abort_all_ends_streams() -> None:
     engine = ScriptedEngine()
 
     async def body(e: AsyncEngine) -> None:
-        left = await e.add("left", [1], params(1000))
+        # NOTE: long enough that the scripted engine (microseconds a step) cannot finish them first.
+        left = await e.add("left", [1], params(10**7))
         async for _ in left:
             break
         left.close()
-        cut = [await e.add(f"cut{i}", [1, 2], params(1000)) for i in range(2)]
+        cut = [await e.add(f"cut{i}", [1, 2], params(10**7)) for i in range(2)]
         e.abort_all()
         for stream in cut:
             outs = await drain(stream)

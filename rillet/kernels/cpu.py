@@ -5,7 +5,8 @@
 - `rope.cpp`: rotary embedding, after an optional per-head RMS norm, as one op instead of ~10;
 - `int8_linear.cpp`: a few fp32 rows times int8 weights (packed once into 4 x 16 tiles) at
   close to the memory bandwidth;
-- `gated_act.cpp`: the gated MLP's act(gate) * up as one op instead of three.
+- `gated_act.cpp`: the gated MLP's act(gate) * up as one op instead of three;
+- `int4_linear.cpp`: approximate logits from 4-bit weights on VNNI (the LM head's screen).
 
 The first start compiles them with `-O3 -march=native` into torch's extension cache
 (~/.cache/torch_extensions by default, or $TORCH_EXTENSIONS_DIR), under a name that includes this
@@ -28,7 +29,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rms_norm.cpp", "rope.cpp",
-                                                           "int8_linear.cpp", "gated_act.cpp")]
+                                                           "int8_linear.cpp", "gated_act.cpp",
+                                                           "int4_linear.cpp")]
 
 
 class DecodeAttention(Protocol):
@@ -68,6 +70,21 @@ class GatedAct(Protocol):
         ...
 
 
+class Int4Linear(Protocol):
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
+        """x: float32 [rows, in] contiguous; packed: uint8 [out, in / 2] from pack_int4_blocks; scales_zeros:
+        bfloat16 [out, in / group, 2] -> approximately x @ W.T, float32 [rows, out] (x rounded to int8
+        per group). group: a multiple of 128 dividing in."""
+        ...
+
+
+def pack_int4_blocks(q: torch.Tensor) -> torch.Tensor:
+    """q in 0..15, [out, in] (in a multiple of 128) -> the int4_linear kernel's layout: per 128 inputs,
+    64 bytes with q[i] in the low and q[64 + i] in the high nibble of byte i."""
+    blocks = q.to(torch.uint8).view(q.shape[0], -1, 2, 64)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], q.shape[1] // 2)
+
+
 def pack_int8_tiles(q: torch.Tensor) -> torch.Tensor:
     """int8 [out, in] -> the int8_linear kernel's layout: tiles of 4 outputs x 16 inputs, row by row."""
     out_features, in_features = q.shape
@@ -82,6 +99,7 @@ class Kernels:
     rope: Rope
     int8_linear: Int8Linear
     gated_act: GatedAct
+    int4_linear: Int4Linear
 
 
 _lock = threading.Lock()
@@ -122,7 +140,8 @@ def build() -> Kernels | None:
         return None
     ops = torch.ops.rillet
     return Kernels(decode_attention=ops.paged_decode_attention, rms_norm=ops.rms_norm, rope=ops.rope,
-                   int8_linear=ops.int8_linear, gated_act=ops.gated_act)
+                   int8_linear=ops.int8_linear, gated_act=ops.gated_act,
+                   int4_linear=ops.int4_linear)
 
 
 def _cpu_tag() -> str:

@@ -4,7 +4,8 @@ Paged decode attention against gather + SDPA with a mask: random caches, shuffle
 tables padded with block 0, first logical blocks at or before the window's start, GQA, sliding
 windows, float32 and bfloat16. RMS norm against torch's rms_norm: 2-d and strided 3-d inputs,
 widths that are not a multiple of the vector width, both dtypes. The int8 linear against the
-dequantized product in float64, for row counts on both sides of its 4-row passes. The gated
+dequantized product in float64, for row counts on both sides of its 4-row passes; the int4
+linear against the same product with the inputs rounded to int8 per group, as it does. The gated
 activation against torch's gelu (tanh) and silu.
 """
 from __future__ import annotations
@@ -189,6 +190,26 @@ def test_gated_act_matches_torch(kernels: cpu_kernels.Kernels, act: str, rows: i
     got = kernels.gated_act(gate_up, act)
     assert got.shape == (rows, 200)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize(("out_features", "in_features", "group"), [(8, 128, 128), (1030, 640, 128), (24, 512, 256)])
+def test_int4_linear_is_the_product_with_int8_rounded_inputs(kernels: cpu_kernels.Kernels, rows: int,
+                                                             out_features: int, in_features: int, group: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 7 + out_features)
+    q = torch.randint(0, 16, (out_features, in_features), generator=gen)
+    scales_zeros = (torch.randn(out_features, in_features // group, 2, generator=gen) / 50).bfloat16()
+    x = torch.randn(rows, in_features, generator=gen)
+    got = kernels.int4_linear(x, cpu_kernels.pack_int4_blocks(q), scales_zeros, group)
+    # x as the kernel rounds it: int8 per group, scale amax / 127
+    xg = x.double().view(rows, -1, group)
+    sx = xg.abs().amax(dim=2, keepdim=True) / 127
+    xq = torch.round(xg / sx).clamp(-127, 127) * sx
+    sz = scales_zeros.double()
+    w = (q.double().view(out_features, -1, group) * sz[..., :1] + sz[..., 1:]).view(out_features, in_features)
+    want = xq.view(rows, in_features) @ w.t() - (xq.sum(2) - xg.sum(2)) @ sz[..., 1].t()  # zeros use the exact x
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

@@ -15,11 +15,15 @@ CPU's feature flags; later starts only load it. If the build fails, one warning 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
 import platform
+import sysconfig
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Protocol
@@ -126,13 +130,14 @@ def build() -> Kernels | None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(
-            name=f"rillet_cpu_kernels_{_cpu_tag()}",
-            sources=[str(source) for source in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,  # registers torch.ops.rillet.*
-        )
+        with _own_ninja_first():
+            cpp_extension.load(
+                name=f"rillet_cpu_kernels_{_cpu_tag()}",
+                sources=[str(source) for source in _SOURCES],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,  # registers torch.ops.rillet.*
+            )
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, never crash
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         logger.warning("C++ kernels unavailable, using the torch paths: %s", first_line)
@@ -142,6 +147,27 @@ def build() -> Kernels | None:
     return Kernels(decode_attention=ops.paged_decode_attention, rms_norm=ops.rms_norm, rope=ops.rope,
                    int8_linear=ops.int8_linear, gated_act=ops.gated_act,
                    int4_linear=ops.int4_linear)
+
+
+@contextlib.contextmanager
+def _own_ninja_first() -> Iterator[None]:
+    """Put this environment's scripts folder (where pip put rillet's `ninja`) first on PATH for the build.
+
+    Two ninja versions (a system one, and the environment's when it is activated) keep their build
+    logs differently: each then finds the other's log "changed" and rebuilds everything (~50 s), so
+    a server started with the environment activated and a script run without it would recompile
+    in turn.
+    """
+    scripts = sysconfig.get_path("scripts")
+    path = os.environ.get("PATH", "")
+    if not (Path(scripts) / "ninja").exists() or path.split(os.pathsep)[0] == scripts:
+        yield
+        return
+    os.environ["PATH"] = scripts + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def _cpu_tag() -> str:

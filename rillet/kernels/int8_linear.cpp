@@ -33,6 +33,26 @@ constexpr int64_t kMaxRowsPerPass = 4;
 constexpr int64_t kPrefetchBytes = 2048;
 
 #if defined(__AVX512F__)
+// acc[m][r] += w_r * x[m] for 16 inputs of up to MR rows (x: row 0's inputs at this k, rows K apart)
+template <int MR>
+inline void accumulate(__m512 (&acc)[MR][kTileN], const float* __restrict x, int64_t K, __m512 w0, __m512 w1,
+                       __m512 w2, __m512 w3) {
+  for (int m = 0; m < MR; ++m) {
+    const __m512 xv = _mm512_loadu_ps(x + m * K);
+    acc[m][0] = _mm512_fmadd_ps(w0, xv, acc[m][0]);
+    acc[m][1] = _mm512_fmadd_ps(w1, xv, acc[m][1]);
+    acc[m][2] = _mm512_fmadd_ps(w2, xv, acc[m][2]);
+    acc[m][3] = _mm512_fmadd_ps(w3, xv, acc[m][3]);
+  }
+}
+
+template <int MR>
+inline void store(__m512 (&acc)[MR][kTileN], const float* __restrict scale, float* __restrict out, int64_t N,
+                  int64_t n) {
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kTileN; ++r) out[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) * scale[n + r];
+}
+
 // x rows [m0, m0 + MR) against output tile [n, n + 4): out[m][n + r] = scale[n + r] * sum_k x[m][k] q[n + r][k]
 template <int MR>
 inline void tile(const float* __restrict x, int64_t K, const int8_t* __restrict w, const float* __restrict scale,
@@ -47,16 +67,9 @@ inline void tile(const float* __restrict x, int64_t K, const int8_t* __restrict 
     const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 1)));
     const __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 2)));
     const __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 3)));
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      acc[m][0] = _mm512_fmadd_ps(w0, xv, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(w1, xv, acc[m][1]);
-      acc[m][2] = _mm512_fmadd_ps(w2, xv, acc[m][2]);
-      acc[m][3] = _mm512_fmadd_ps(w3, xv, acc[m][3]);
-    }
+    accumulate<MR>(acc, x + k, K, w0, w1, w2, w3);
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < kTileN; ++r) out[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) * scale[n + r];
+  store<MR>(acc, scale, out, N, n);
 }
 
 // Weights already widened to floats (buf: the tile's [K / 16][4][16] floats), for batches of
@@ -71,16 +84,9 @@ inline void tile_widened(const float* __restrict x, int64_t K, const float* __re
     const float* wk = buf + k * kTileN;
     const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
     const __m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      acc[m][0] = _mm512_fmadd_ps(w0, xv, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(w1, xv, acc[m][1]);
-      acc[m][2] = _mm512_fmadd_ps(w2, xv, acc[m][2]);
-      acc[m][3] = _mm512_fmadd_ps(w3, xv, acc[m][3]);
-    }
+    accumulate<MR>(acc, x + k, K, w0, w1, w2, w3);
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < kTileN; ++r) out[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) * scale[n + r];
+  store<MR>(acc, scale, out, N, n);
 }
 
 void widen(const int8_t* __restrict w, int64_t count, float* __restrict buf) {

@@ -79,11 +79,15 @@ class EngineConfig:
         "help": "reuse the KV cache of prompts that share a prefix"})
     dtype: str = field(default="float32", metadata={
         "help": "activation, KV-cache and weight dtype: float32 (exact) or bfloat16"})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV-cache dtype: auto (float16 with float32 weights and a fast --quantization: half the bytes "
+                "attention reads, as llama.cpp's default; the model's dtype otherwise), float32, bfloat16 or "
+                "float16"})
     quantization: str = field(default="auto", metadata={
-        "help": "weights of the decoder's linear layers: auto (with float32: int8 copies for steps of at most "
-                "8 rows, where reading weights bounds the time; the float32 weights for larger steps and prompts), "
-                "none (the dtype's weights only: exact in float32), int8 (weights only) or w8a8 "
-                "(weights and activations)"})
+        "help": "weights of the decoder's linear layers: auto (with float32: int8 copies, times a single "
+                "row's float32 activations, or times larger batches' activations rounded to int8 per group of "
+                "32 inputs), none (the dtype's weights only: exact in float32), int8 (weights only) or w8a8 "
+                "(weights and activations, one activation scale per token)"})
     lm_head_quantization: str = field(default="w8a8", metadata={
         "help": "quantization of the LM head: w8a8 (int8 screening, 4-bit for a single row, then each row's "
                 "best 32 (64) logits recomputed exactly: greedy output identical to none on the accuracy "
@@ -113,6 +117,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_tokens must hold at least one block of {self.block_size} tokens")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16 or float16, got {self.kv_cache_dtype!r}")
         if self.scheduling_policy not in ("qoe", "fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be qoe, fcfs or priority, got {self.scheduling_policy!r}")
         if self.fairness not in ("none", "tenant"):

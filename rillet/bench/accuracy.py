@@ -1,6 +1,6 @@
 """Greedy agreement of the fast weight formats with the exact fp32 path, on a fixed prompt set.
 
-    python -m rillet.bench.accuracy [--model PATH] [--max-tokens 64]
+    python -m rillet.bench.accuracy [--model PATH] [--max-tokens 64] [--formats ...]
 
 For each format, every prompt is generated greedily and compared with fp32's output: the share
 of prompts whose whole continuation is identical, and the mean share of tokens generated before
@@ -24,14 +24,17 @@ PROMPTS = [
     "Photosynthesis converts", "The theory of relativity states that", "My favourite book is",
     "东京是日本的", "To install the package, run", "The stock market today", "Rivers flow toward",
 ]
-# (dtype, decoder quantization, LM-head quantization)
-FORMATS = [("float32", "auto", "w8a8"), ("float32", "none", "w8a8"), ("bfloat16", "none", "none"),
-           ("bfloat16", "none", "w8a8"), ("float32", "int8", "w8a8"), ("bfloat16", "int8", "w8a8"),
-           ("float32", "w8a8", "w8a8")]
+# (dtype, decoder quantization, LM-head quantization, KV-cache dtype)
+FORMATS = [("float32", "auto", "w8a8", "auto"), ("float32", "auto", "w8a8", "float32"),
+           ("float32", "none", "w8a8", "auto"), ("float32", "none", "w8a8", "float32"),
+           ("bfloat16", "none", "none", "auto"), ("bfloat16", "none", "w8a8", "auto"),
+           ("float32", "int8", "w8a8", "auto"), ("float32", "w8a8", "w8a8", "auto")]
 
 
-def generate(model: str | None, dtype: str, quantization: str, lm_head: str, max_tokens: int) -> list[list[int]]:
-    llm = LLM(model, dtype=dtype, quantization=quantization, lm_head_quantization=lm_head, num_kv_tokens=32768)
+def generate(model: str | None, dtype: str, quantization: str, lm_head: str, max_tokens: int,
+             kv_cache_dtype: str = "auto") -> list[list[int]]:
+    llm = LLM(model, dtype=dtype, quantization=quantization, lm_head_quantization=lm_head,
+              kv_cache_dtype=kv_cache_dtype, num_kv_tokens=32768)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     # One prompt at a time: "auto" switches weights by batch size, and a single stream is where it
     # uses the int8 ones (and the head its 4-bit screen); the other formats give the same either way.
@@ -52,15 +55,16 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="a .gguf file or HF folder (default: the embedded model)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--formats", default=None,
-                        help="comma-separated dtype/decoder/head triples, e.g. float32/auto/w8a8 (default: all)")
+                        help="comma-separated dtype/decoder/head/kv quadruples, e.g. float32/auto/w8a8/auto "
+                             "(default: all)")
     args = parser.parse_args()
-    reference = generate(args.model, "float32", "none", "none", args.max_tokens)
+    reference = generate(args.model, "float32", "none", "none", args.max_tokens, kv_cache_dtype="float32")
     results = {}
     formats = [tuple(f.split("/")) for f in args.formats.split(",")] if args.formats else FORMATS
-    for dtype, quant, head in formats:
-        name = f"{dtype}/{quant}/{head}"
-        results[name] = r = agreement(reference, generate(args.model, dtype, quant, head, args.max_tokens))
-        print(f"{dtype:>9} layers {quant:>5} head {head:>5}: identical {r['identical']:.0%} of prompts, "
+    for dtype, quant, head, kv in formats:
+        name = f"{dtype}/{quant}/{head}/{kv}"
+        results[name] = r = agreement(reference, generate(args.model, dtype, quant, head, args.max_tokens, kv))
+        print(f"{dtype:>9} layers {quant:>5} head {head:>5} kv {kv:>8}: identical {r['identical']:.0%} of prompts, "
               f"mean agreeing prefix {r['mean_prefix']:.0%} of {args.max_tokens} tokens", flush=True)
     print(json.dumps(results))
     return 0

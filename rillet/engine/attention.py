@@ -74,8 +74,8 @@ class PagedAttention(nn.Module):
         assert _metadata is not None, "attention called outside attention_context"
         meta = _metadata.groups[self.group]
         num_blocks, block_size = self.k_cache.shape[:2]
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
+        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
         d = _metadata.num_decodes
         if d == q.shape[0]:  # a decode-only step
             return self._decode(q, meta).flatten(1)
@@ -100,7 +100,7 @@ class PagedAttention(nn.Module):
     def _attend(self, q: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # q: [B, H, n, hd]   blocks: [B, nb]   mask: [B, 1, n, nb * block_size]   -> [B, H, n, hd]
         b = blocks.shape[0]
-        k = self.k_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2).to(q.dtype)
+        v = self.v_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                               enable_gqa=self.num_heads != self.num_kv_heads)

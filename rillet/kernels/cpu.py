@@ -6,7 +6,10 @@
 - `int8_linear.cpp`: a few fp32 rows times int8 weights (packed once into 4 x 16 tiles) at
   close to the memory bandwidth;
 - `gated_act.cpp`: the gated MLP's act(gate) * up as one op instead of three;
-- `int4_linear.cpp`: approximate logits from 4-bit weights on VNNI (the LM head's screen).
+- `int4_linear.cpp`: approximate logits from 4-bit weights on VNNI (the LM head's screen), for a
+  row or a batch of rows;
+- `w8a8_linear.cpp`: batches of rows times int8 weights on VNNI, the rows rounded to int8 per
+  group of 32 inputs on the fly.
 
 The first start compiles them with `-O3 -march=native` into torch's extension cache
 (~/.cache/torch_extensions by default, or $TORCH_EXTENSIONS_DIR), under a name that includes this
@@ -34,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rms_norm.cpp", "rope.cpp",
                                                            "int8_linear.cpp", "gated_act.cpp",
-                                                           "int4_linear.cpp")]
+                                                           "int4_linear.cpp", "w8a8_linear.cpp")]
 
 
 class DecodeAttention(Protocol):
@@ -82,6 +85,44 @@ class Int4Linear(Protocol):
         ...
 
 
+class Int4Gemm(Protocol):
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group: int) -> torch.Tensor:
+        """x: float32 [rows, in] contiguous; packed: uint8 [out, in / 2] from pack_int4_batch; scales, zeros:
+        float32 [out / 16, in / group, 16] (w = q * scale + zero) -> approximately x @ W.T, float32
+        [rows, out] (x rounded to int8 per group). out a multiple of 16, group a multiple of 8 dividing in."""
+        ...
+
+
+def pack_int4_batch(q: torch.Tensor) -> torch.Tensor:
+    """q in 0..15, [out, in] (out a multiple of 16, in of 8) -> int4_gemm's layout: per 16 outputs and 8
+    inputs, 64 bytes; byte b holds output b / 4's input b % 4 (low nibble) and b % 4 + 4 (high nibble)."""
+    out_features, in_features = q.shape
+    blocks = q.to(torch.uint8).view(out_features // 16, 16, in_features // 8, 2, 4).permute(0, 2, 3, 1, 4)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).contiguous().view(out_features, in_features // 2)
+
+
+def pack_by_16_outputs(t: torch.Tensor) -> torch.Tensor:
+    """[out, groups] -> [out / 16, groups, 16]: per-group values in int4_gemm's layout."""
+    return t.view(t.shape[0] // 16, 16, -1).transpose(1, 2).contiguous()
+
+
+class W8A8Linear(Protocol):
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+        """x: float32 [rows, in] contiguous; packed: uint8 [out, in] from pack_w8a8; scale: float32 [out]
+        -> approximately x @ (q * scale).T (x rounded to int8 per `group` inputs), float32 [rows, out].
+        out must be a multiple of 16; group a multiple of 4 dividing in."""
+        ...
+
+
+def pack_w8a8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] -> the w8a8_linear kernel's layout: q + 128 as uint8, [out / 16][in / 4][16][4]."""
+    out_features, in_features = q.shape
+    shifted = (q.to(torch.int16) + 128).to(torch.uint8)
+    return shifted.view(out_features // 16, 16, in_features // 4, 4).permute(0, 2, 1, 3).contiguous().view(
+        out_features, in_features)
+
+
 def pack_int4_blocks(q: torch.Tensor) -> torch.Tensor:
     """q in 0..15, [out, in] (in a multiple of 128) -> the int4_linear kernel's layout: per 128 inputs,
     64 bytes with q[i] in the low and q[64 + i] in the high nibble of byte i."""
@@ -104,6 +145,8 @@ class Kernels:
     int8_linear: Int8Linear
     gated_act: GatedAct
     int4_linear: Int4Linear
+    w8a8_linear: W8A8Linear
+    int4_gemm: Int4Gemm
 
 
 _lock = threading.Lock()
@@ -146,7 +189,7 @@ def build() -> Kernels | None:
     ops = torch.ops.rillet
     return Kernels(decode_attention=ops.paged_decode_attention, rms_norm=ops.rms_norm, rope=ops.rope,
                    int8_linear=ops.int8_linear, gated_act=ops.gated_act,
-                   int4_linear=ops.int4_linear)
+                   int4_linear=ops.int4_linear, w8a8_linear=ops.w8a8_linear, int4_gemm=ops.int4_gemm)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,6 +40,7 @@ inline float bf16_to_float(uint16_t bf16_bits) {
 // Element type as the kernel reads it: bfloat16 as raw bits, so widening is a shift and vectorizes.
 template <typename T> struct Raw { using type = T; };
 template <> struct Raw<c10::BFloat16> { using type = uint16_t; };
+template <> struct Raw<c10::Half> { using type = uint16_t; };
 
 // Loops below run over fixed groups of kLanes floats (one 512-bit register) so the compiler
 // keeps partial sums and accumulators in vector registers.
@@ -86,12 +91,25 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 1);
 }
 
-// dst[t * n + i] = src[t * src_stride + i] as fp32, for rows t in [t_begin, t_end)
+// dst[t * n + i] = src[t * src_stride + i] as fp32, for rows t in [t_begin, t_end); KT: the
+// 16-bit type (bfloat16 widens by a shift, float16 by the F16C conversion)
+template <typename KT>
 inline void widen_rows(const uint16_t* __restrict src, int64_t src_stride, int64_t t_begin, int64_t t_end,
                        float* __restrict dst, int64_t n) {
   for (int64_t t = t_begin; t < t_end; ++t) {
+    const uint16_t* row = src + t * src_stride;
+    float* out = dst + t * n;
+    if constexpr (std::is_same_v<KT, c10::BFloat16>) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[t * n + i] = bf16_to_float(src[t * src_stride + i]);
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(row[i]);
+    } else {
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + kLanes <= n; i += kLanes)
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i))));
+#endif
+      for (; i < n; ++i) out[i] = c10::detail::fp16_ieee_to_fp32_value(row[i]);
+    }
   }
 }
 
@@ -152,6 +170,103 @@ void attend_block(Head& h, const float* __restrict kb, const float* __restrict v
   for (; i < head_dim; ++i)
     for (int64_t t = t_begin; t < t_end; ++t) acc[i] += s[t] * vb[t * row_stride + i];
 }
+
+#if defined(__AVX512F__)
+#define RILLET_HEADS_VECTORIZED 1
+// 16 cache elements from p as floats
+template <typename K>
+inline __m512 load16(const K* p) {
+  if constexpr (std::is_same_v<K, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<K, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {  // bfloat16: the high half of a float
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+}
+
+// exp(x) for x <= 0, 16 lanes: exp_nonpositive's range reduction and polynomial
+inline __m512 exp16_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, r), r, r), _mm512_set1_ps(1.f));
+  const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(two_n));
+}
+
+// All G query heads of one kv head over keys [t_begin, t_begin + n) of a block, n <= 16, head_dim a
+// multiple of 16, read straight from the cache (rows row_stride elements apart): each K and V row
+// is loaded (and widened) once for the G heads.
+template <int G, typename K>
+void attend_keys(Head* heads, const K* __restrict kb, const K* __restrict vb, int64_t row_stride,
+                 int64_t t_begin, int64_t n, int64_t head_dim) {
+  alignas(64) float s[G][kLanes];
+  for (int64_t t = 0; t < n; ++t) {
+    const K* kt = kb + (t_begin + t) * row_stride;
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < head_dim; i += kLanes) {
+      const __m512 kv = load16(kt + i);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(heads[g].q + i), kv, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) s[g][t] = _mm512_reduce_add_ps(acc[g]);
+  }
+  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+  for (int g = 0; g < G; ++g) {
+    Head& h = heads[g];
+    const __m512 sv = _mm512_maskz_loadu_ps(valid, s[g]);
+    const float block_max = _mm512_mask_reduce_max_ps(valid, sv);
+    if (block_max > h.max) {
+      const float correction = std::exp(h.max - block_max);  // 0 on the first block
+      h.denom *= correction;
+      const __m512 c = _mm512_set1_ps(correction);
+      for (int64_t i = 0; i < head_dim; i += kLanes) _mm512_storeu_ps(h.acc + i, _mm512_mul_ps(_mm512_loadu_ps(h.acc + i), c));
+      h.max = block_max;
+    }
+    const __m512 p = _mm512_maskz_mov_ps(valid, exp16_nonpositive(_mm512_sub_ps(sv, _mm512_set1_ps(h.max))));
+    _mm512_store_ps(s[g], p);
+    h.denom += _mm512_reduce_add_ps(p);
+  }
+  for (int64_t i = 0; i < head_dim; i += kLanes) {
+    __m512 a[G];
+    for (int g = 0; g < G; ++g) a[g] = _mm512_loadu_ps(heads[g].acc + i);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m512 vt = load16(vb + (t_begin + t) * row_stride + i);
+      for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][t]), vt, a[g]);
+    }
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(heads[g].acc + i, a[g]);
+  }
+}
+
+// Folds keys t in [t_begin, t_end) of one block into every head of the item; false where the
+// shapes do not fit (the caller then widens the rows and goes head by head).
+template <typename K>
+bool attend_block_heads(std::vector<Head>& heads, const K* kb, const K* vb, int64_t row_stride,
+                        int64_t t_begin, int64_t t_end, int64_t head_dim) {
+  if (head_dim % kLanes) return false;
+  auto run = [&](auto group) {
+    constexpr int G = decltype(group)::value;
+    for (int64_t t = t_begin; t < t_end; t += kLanes)
+      attend_keys<G, K>(heads.data(), kb, vb, row_stride, t, std::min<int64_t>(kLanes, t_end - t), head_dim);
+  };
+  switch (heads.size()) {
+    case 1: run(std::integral_constant<int, 1>{}); return true;
+    case 2: run(std::integral_constant<int, 2>{}); return true;
+    case 4: run(std::integral_constant<int, 4>{}); return true;
+    case 8: run(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+#endif
 
 template <typename QT, typename KT>
 void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -226,11 +341,16 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
           }
         }
         const int64_t offset = block * block_stride + kvh * head_dim;
+#ifdef RILLET_HEADS_VECTORIZED
+        const KT* kb = reinterpret_cast<const KT*>(k_data + offset);
+        const KT* vb = reinterpret_cast<const KT*>(v_data + offset);
+        if (attend_block_heads<KT>(heads, kb, vb, row_stride, t_begin, t_end, head_dim)) continue;
+#endif
         if constexpr (std::is_same_v<K, float>) {
           for (Head& h : heads) attend_block(h, k_data + offset, v_data + offset, row_stride, t_begin, t_end, head_dim);
         } else {
-          widen_rows(k_data + offset, row_stride, t_begin, t_end, k_rows.data(), head_dim);
-          widen_rows(v_data + offset, row_stride, t_begin, t_end, v_rows.data(), head_dim);
+          widen_rows<KT>(k_data + offset, row_stride, t_begin, t_end, k_rows.data(), head_dim);
+          widen_rows<KT>(v_data + offset, row_stride, t_begin, t_end, v_rows.data(), head_dim);
           for (Head& h : heads) attend_block(h, k_rows.data(), v_rows.data(), head_dim, t_begin, t_end, head_dim);
         }
       }
@@ -250,12 +370,15 @@ void dispatch_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
                     int64_t window, double scale, at::Tensor& out) {
   if (k_cache.scalar_type() == at::kFloat)
     decode_attention<QT, float>(q, k_cache, v_cache, block_tables, first_blocks, q_pos, window, scale, out);
+  else if (k_cache.scalar_type() == at::kHalf)
+    decode_attention<QT, c10::Half>(q, k_cache, v_cache, block_tables, first_blocks, q_pos, window, scale, out);
   else
     decode_attention<QT, c10::BFloat16>(q, k_cache, v_cache, block_tables, first_blocks, q_pos, window, scale,
                                         out);
 }
 
 bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
+bool supported_cache(at::ScalarType t) { return supported(t) || t == at::kHalf; }
 
 }  // namespace
 
@@ -271,8 +394,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
               "k/v caches must both be [num_blocks, block_size, KVH, hd]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "k/v caches must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k/v caches must share a dtype");
-  TORCH_CHECK(supported(q.scalar_type()) && supported(k_cache.scalar_type()),
-              "only float32 and bfloat16 are supported");
+  TORCH_CHECK(supported(q.scalar_type()) && supported_cache(k_cache.scalar_type()),
+              "q must be float32 or bfloat16, the caches float32, bfloat16 or float16");
   TORCH_CHECK(k_cache.size(3) == q.size(2), "head_dim of q and the caches differ");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of kv heads");
   const int64_t num_seqs = q.size(0);

@@ -5,12 +5,11 @@
   faster on x @ W than on x @ W.T at 4-64 rows, the decode batch sizes. bfloat16 weights
   are packed once into oneDNN's blocked layout (PackedLinear): plain bf16 F.linear re-blocks
   the weight on every call, which made it no faster than fp32 here;
-- "auto" (the default): each decoder linear keeps two copies and takes, per call, the one measured
-  faster for its row count (SmallBatchInt8Linear): int8 weights (rillet's int8_linear kernel) for
-  steps of at most 8 rows (one
-  to a few streams decoding), where reading the weights bounds the time, and the fp32 input-major
-  weights above (larger batches, prompts), where arithmetic does. Prompts are computed exactly;
-  tokens decoded in small batches carry int8 weight error (greedy agreement in docs/PERFORMANCE.md);
+- "auto" (the default): int8 copies of the decoder's weights (AutoInt8Linear), multiplied by
+  rillet's kernels: a single row (one stream decoding) with fp32 activations, where reading the
+  weights bounds the time; more rows (batched decode steps, prompts) with the activations rounded
+  to int8 per group of 32 inputs, on VNNI, where arithmetic does. Greedy agreement with exact
+  fp32 in docs/PERFORMANCE.md;
 - "int8": weight-only int8 with one scale per output channel, multiplied by
   torch._weight_int8pack_mm. Small batches are bound by reading weights, so halving their
   bytes pays; the LM head keeps its bf16/fp32 copy too and uses it for larger batches,
@@ -125,30 +124,38 @@ class Int8Linear(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-class SmallBatchInt8Linear(nn.Module):
-    """fp32 linear that multiplies small batches by an int8 copy of its weight.
+class AutoInt8Linear(nn.Module):
+    """fp32 linear run on an int8 copy of its weight (one scale per output), by row count.
 
-    At most `max_int8_rows` rows: rillet's int8_linear kernel (fp32 activations, the weight packed
-    into 4 x 16 tiles and read as one stream per thread), or where the kernels did not build,
-    torch._weight_int8pack_mm with the activations rounded to bf16 (its vectorized path). Above:
-    x @ W with the fp32 weight stored [in, out]. Measured here for the 18 decoder blocks of Gemma 3
-    270M, weights streamed from memory (kernel / torch's int8 / fp32): 8.7 / 11.7 / 17.6 ms at
-    1 row, 9.0 / 13.3 / 27.6 at 4, 16.7 / 23.1 / 36.5 at 8, 31-43 / 44 / 37-45 at 16.
+    - one row (a single stream decoding), bound by reading the weight: rillet's int8_linear kernel,
+      fp32 activations, the weight packed into 4 x 16 tiles;
+    - more rows (batched decode steps, prompts), bound by arithmetic: rillet's w8a8_linear kernel,
+      the activations rounded to int8 per group of 32 inputs on the fly, VNNI. A scale per group,
+      not per row, keeps Gemma 3's outlier channels from flattening the rest of the row: greedy
+      agreement with exact fp32 is then that of int8 weights alone (docs/PERFORMANCE.md), where a
+      scale per row (`w8a8`) loses most of it.
+
+    Measured here for the 18 decoder blocks of Gemma 3 270M, weights streamed from memory
+    (int8_linear / w8a8_linear / fp32): 6.6 / 6.5 / 13-17 ms at 1 row, 9.1 / 7.5 / 27 at 4, 34 / 12.5
+    / 50 at 16, - / 24 / 67 at 32. Where the kernels did not build (or the shape does not tile), the
+    earlier split: torch._weight_int8pack_mm (bf16 activations) up to 8 rows, the fp32 weight above.
     """
 
-    def __init__(self, linear: nn.Linear, max_int8_rows: int = 8) -> None:
+    GROUP = 32  # inputs per activation scale, as llama.cpp's Q8_0
+
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.dense = InputMajorLinear(linear)
-        qweight, scale = _quantize_rows(linear.weight.detach().float())
-        self.max_int8_rows = max_int8_rows
+        self.out_features, in_features = linear.weight.shape
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+        q, self.scale = _quantize_rows(linear.weight.detach().float())
         kernels = cpu_kernels.load()
-        out_features, in_features = qweight.shape
-        self.kernel: cpu_kernels.Int8Linear | None = None
-        if kernels is not None and out_features % 4 == 0 and in_features % 16 == 0:
-            self.kernel = kernels.int8_linear
-            self.qweight, self.scale = cpu_kernels.pack_int8_tiles(qweight), scale
+        self.kernels = kernels if (kernels is not None and self.out_features % 16 == 0
+                                   and in_features % self.GROUP == 0) else None
+        self.dense: InputMajorLinear | None = None
+        if self.kernels is not None:
+            self.tiles, self.packed = cpu_kernels.pack_int8_tiles(q), cpu_kernels.pack_w8a8(q)
         else:
-            self.qweight, self.scale = qweight, scale.to(torch.bfloat16)
+            self.dense, self.qweight, self.scale_bf16 = InputMajorLinear(linear), q, self.scale.to(torch.bfloat16)
 
     @staticmethod
     def supported(linear: nn.Linear) -> bool:
@@ -157,15 +164,20 @@ class SmallBatchInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > self.max_int8_rows:
+        if self.kernels is not None:
+            flat = flat.contiguous()
+            if flat.shape[0] == 1:
+                out = self.kernels.int8_linear(flat, self.tiles, self.scale)
+            else:
+                out = self.kernels.w8a8_linear(flat, self.packed, self.scale, self.GROUP)
+        elif flat.shape[0] > 8:
+            assert self.dense is not None
             return self.dense(x)
-        if self.kernel is not None:
-            out = self.kernel(flat.contiguous(), self.qweight, self.scale)
         else:
-            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scale).float()
-        if self.dense.bias is not None:
-            out += self.dense.bias
-        return out.view(*x.shape[:-1], out.shape[-1])
+            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight, self.scale_bf16).float()
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class W8A8Linear(nn.Module):
@@ -239,10 +251,16 @@ class Int4Screen(nn.Module):
             q[start:end] = part_q.clamp_(0, 15).view(-1, cols)
         kernels = cpu_kernels.load()
         self.kernel: cpu_kernels.Int4Linear | None = None
-        if kernels is not None and self.group % 128 == 0:  # rillet's kernel: w = q * scale + low
+        self.batch_kernel: cpu_kernels.Int4Gemm | None = None
+        if kernels is not None and self.group % 128 == 0:  # rillet's kernels: w = q * scale + low
             self.kernel = kernels.int4_linear
             self.packed = cpu_kernels.pack_int4_blocks(q)
             self.scales_and_zeros = torch.stack([scale, low], dim=2).bfloat16().contiguous()
+            # a few rows at once: the same bf16-rounded scales, laid out for int4_gemm
+            self.batch_kernel = kernels.int4_gemm
+            self.batch_packed = cpu_kernels.pack_int4_batch(q)
+            self.batch_scales = cpu_kernels.pack_by_16_outputs(self.scales_and_zeros[..., 0].float())
+            self.batch_zeros = cpu_kernels.pack_by_16_outputs(self.scales_and_zeros[..., 1].float())
         else:  # torch's: w = (q - 8) * scale + zero
             self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             self.scales_and_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=2).contiguous().bfloat16()
@@ -254,6 +272,9 @@ class Int4Screen(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [rows, in] -> [rows, out] float32
+        if self.batch_kernel is not None and x.shape[0] > 1:
+            return self.batch_kernel(x.float().contiguous(), self.batch_packed, self.batch_scales, self.batch_zeros,
+                                     self.group)
         if self.kernel is not None:
             return self.kernel(x.float().contiguous(), self.packed, self.scales_and_zeros, self.group)
         return torch._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, self.group,
@@ -275,8 +296,9 @@ class RescoredHead(nn.Module):
     def __init__(self, linear: nn.Linear, num_exact: int = 32, chunk: int = 1024) -> None:
         super().__init__()
         self.screen = W8A8Linear(linear)
-        # A single row (one stream decoding) screens with 4-bit weights: reading the head bounds it.
-        self.single_row_screen = Int4Screen(linear.weight) if Int4Screen.supported(linear.weight) else None
+        # A few rows (one to a few streams decoding) screen with 4-bit weights: reading the head bounds them.
+        self.int4_screen = Int4Screen(linear.weight) if Int4Screen.supported(linear.weight) else None
+        self.int4_rows = 8 if self.int4_screen is not None and self.int4_screen.batch_kernel is not None else 1
         self.dense = linear.weight.detach()  # the (tied) embedding: no extra memory
         self.bias = linear.bias
         self.num_exact = min(num_exact, self.dense.shape[0])
@@ -284,8 +306,8 @@ class RescoredHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [rows, hidden] -> logits [rows, vocab] (float32)
-        if self.single_row_screen is not None and x.shape[0] == 1:
-            logits = self.single_row_screen(x.float())
+        if self.int4_screen is not None and x.shape[0] <= self.int4_rows:
+            logits = self.int4_screen(x.float())
             ids = self._candidates(logits, 2 * self.num_exact, num_chunks=32)
         else:
             logits = self.screen(x.float()).float()
@@ -327,8 +349,8 @@ def apply_quantization(model: nn.Module, layers: str, lm_head: str, lm_head_dens
                 setattr(module, child_name, RescoredHead(child) if is_head else W8A8Linear(child))
             elif fmt == "int8":
                 setattr(module, child_name, Int8Linear(child, lm_head_dense_above if is_head else None))
-            elif fmt == "auto" and not is_head and SmallBatchInt8Linear.supported(child):
-                setattr(module, child_name, SmallBatchInt8Linear(child))
+            elif fmt == "auto" and not is_head and AutoInt8Linear.supported(child):
+                setattr(module, child_name, AutoInt8Linear(child))
             elif PackedLinear.supported(child):
                 setattr(module, child_name, PackedLinear(child))
             elif InputMajorLinear.supported(child) and not is_head:

@@ -58,20 +58,21 @@ def torch_path(layer: PagedAttention, q: torch.Tensor, tables: torch.Tensor, fir
 
 
 @pytest.mark.parametrize("num_seqs", [1, 9])  # one sequence on 2+ threads: work split by query head
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.float32, torch.float16), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("window", [None, 7, 24, 512])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim", "block_size"),
                          [(4, 1, 256, 16), (4, 4, 64, 16), (8, 2, 128, 5), (2, 1, 32, 1)])
 def test_matches_torch_path(kernel: cpu_kernels.DecodeAttention, num_seqs: int, dtype: torch.dtype,
-                            window: int | None, num_heads: int, num_kv_heads: int, head_dim: int,
+                            cache_dtype: torch.dtype, window: int | None, num_heads: int, num_kv_heads: int, head_dim: int,
                             block_size: int) -> None:
     gen = torch.Generator().manual_seed(num_heads * 1000 + head_dim * 10 + block_size + (window or 0) * 7)
     max_pos = 300
     num_blocks = max_pos // block_size + 8
     layer = PagedAttention(num_heads, num_kv_heads, head_dim, head_dim**-0.5, group=0)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    layer.k_cache = torch.randn(shape, generator=gen).to(dtype)
-    layer.v_cache = torch.randn(shape, generator=gen).to(dtype)
+    layer.k_cache = torch.randn(shape, generator=gen).to(cache_dtype)
+    layer.v_cache = torch.randn(shape, generator=gen).to(cache_dtype)
     q_pos = torch.randint(0, max_pos, (num_seqs,), generator=gen)
     q_pos[0] = max_pos - 1  # the longest context
     if num_seqs > 1:
@@ -181,6 +182,40 @@ def test_int8_linear_rejects_shapes_it_cannot_tile(kernels: cpu_kernels.Kernels)
         kernels.int8_linear(torch.zeros(1, 16), q, torch.ones(6))
 
 
+def int8_rounded_per_group(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x rounded as the w8a8_linear kernel rounds it: int8 per group, scale max|x| / 127, half to even."""
+    groups = x.view(x.shape[0], -1, group)
+    amax = groups.abs().amax(dim=2, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(groups * inv) * (amax / 127)).view(x.shape)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 32, 33])
+@pytest.mark.parametrize(("out_features", "in_features", "group"), [(16, 32, 32), (48, 96, 32), (1536, 640, 32),
+                                                                     (32, 128, 64)])
+def test_w8a8_linear_is_the_product_with_inputs_rounded_per_group(kernels: cpu_kernels.Kernels, rows: int,
+                                                                   out_features: int, in_features: int,
+                                                                   group: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 31 + out_features)
+    q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=gen)
+    scale = torch.rand(out_features, generator=gen) / 100
+    x = torch.randn(rows, in_features, generator=gen)
+    x[:, 1] *= 100  # an outlier: only its own group loses precision
+    x[0, :group] = 0  # an all-zero group
+    got = kernels.w8a8_linear(x, cpu_kernels.pack_w8a8(q), scale, group)
+    want = int8_rounded_per_group(x, group).double() @ (q.double() * scale.double()[:, None]).t()
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    # the integer dot products are exact; the fp32 sum over groups rounds (terms larger than the result)
+    assert float((got.double() - want).abs().max()) <= 1e-5 * float(want.abs().max()) * in_features / group
+
+
+def test_w8a8_linear_rejects_shapes_it_cannot_tile(kernels: cpu_kernels.Kernels) -> None:
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.w8a8_linear(torch.zeros(1, 32), torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8), 32)
+    with pytest.raises(RuntimeError, match="group"):
+        kernels.w8a8_linear(torch.zeros(1, 48), torch.zeros(16, 48, dtype=torch.uint8), torch.ones(16), 32)
+
+
 @pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_gated_act_matches_torch(kernels: cpu_kernels.Kernels, act: str, rows: int) -> None:
@@ -210,6 +245,22 @@ def test_int4_linear_is_the_product_with_int8_rounded_inputs(kernels: cpu_kernel
     want = xq.view(rows, in_features) @ w.t() - (xq.sum(2) - xg.sum(2)) @ sz[..., 1].t()  # zeros use the exact x
     assert got.shape == (rows, out_features) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 9])
+@pytest.mark.parametrize(("out_features", "in_features", "group"), [(16, 128, 128), (80, 640, 128), (48, 512, 256)])
+def test_int4_gemm_equals_the_single_row_kernel(kernels: cpu_kernels.Kernels, rows: int, out_features: int,
+                                                in_features: int, group: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 5 + out_features)
+    q = torch.randint(0, 16, (out_features, in_features), generator=gen)
+    scales_zeros = torch.stack([torch.rand(out_features, in_features // group, generator=gen) / 10,
+                                -torch.rand(out_features, in_features // group, generator=gen)], dim=2).bfloat16()
+    x = torch.randn(rows, in_features, generator=gen)
+    want = kernels.int4_linear(x, cpu_kernels.pack_int4_blocks(q), scales_zeros.contiguous(), group)
+    got = kernels.int4_gemm(x, cpu_kernels.pack_int4_batch(q), cpu_kernels.pack_by_16_outputs(scales_zeros[..., 0].float()),
+                            cpu_kernels.pack_by_16_outputs(scales_zeros[..., 1].float()), group)
+    assert got.shape == (rows, out_features)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)  # the same integer sums, fp32 rounding apart
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

@@ -7,7 +7,7 @@ from torch import nn
 
 from rillet.kernels import cpu as cpu_kernels
 
-from rillet.models.weight_formats import (InputMajorLinear, RescoredHead, SmallBatchInt8Linear, W8A8Linear,
+from rillet.models.weight_formats import (AutoInt8Linear, InputMajorLinear, RescoredHead, W8A8Linear,
                                           apply_quantization)
 
 
@@ -29,29 +29,55 @@ def test_input_major_is_the_same_fp32_product() -> None:
     torch.testing.assert_close(InputMajorLinear(lin)(x), lin(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("with_kernels", [True, False])
+@pytest.fixture(scope="module")
+def kernels() -> cpu_kernels.Kernels:
+    built = cpu_kernels.load()
+    if built is None:
+        pytest.skip("the C++ kernels did not build here")
+    return built
+
+
+def int8_dequantized(lin: nn.Linear) -> torch.Tensor:
+    scale = lin.weight.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(lin.weight / scale).clamp(-127, 127) * scale
+
+
 @torch.inference_mode()
-def test_small_batch_int8_switches_to_the_exact_weights_above_its_row_limit(
-        with_kernels: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not with_kernels:
-        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+def test_auto_int8_takes_fp32_rows_alone_and_int8_rows_in_batches(kernels: cpu_kernels.Kernels) -> None:
+    lin = linear(512, 64, 1, bias=True)
+    fmt = AutoInt8Linear(lin)
+    assert fmt.kernels is not None and fmt.dense is None  # no fp32 copy kept
+    dequant = int8_dequantized(lin)
+    x = torch.randn(9, 512)
+    x[:, 5] *= 50  # an outlier channel, as Gemma 3's activations have
+    one = fmt(x[:1])  # one row: the exact activations times the int8 weight
+    assert relative_error(one, x[:1] @ dequant.t() + lin.bias) < 1e-5
+    got = fmt(x)  # more: the activations rounded to int8 per group of 32 inputs
+    groups = x.view(9, 16, 32)
+    sx = groups.abs().amax(dim=2, keepdim=True) / 127
+    xq = (torch.round(groups / sx) * sx).view(9, 512)
+    assert relative_error(got, xq @ dequant.t() + lin.bias) < 1e-4
+    assert not torch.allclose(got, x @ dequant.t() + lin.bias, atol=1e-5)
+    assert relative_error(got, lin(x)) < 0.02
+    # a scale per row would let the outlier flatten the other channels: far worse
+    row_sx = x.abs().amax(dim=1, keepdim=True) / 127
+    per_row = torch.round(x / row_sx) * row_sx @ dequant.t() + lin.bias
+    exact_x = x @ dequant.t() + lin.bias
+    assert relative_error(got, exact_x) < relative_error(per_row, exact_x) / 3
+
+
+@torch.inference_mode()
+def test_auto_int8_without_kernels_keeps_the_fp32_weights_for_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     lin = linear(128, 64, 1, bias=True)
-    fmt = SmallBatchInt8Linear(lin, max_int8_rows=8)
-    assert (fmt.kernel is None) == (not with_kernels or cpu_kernels.load() is None)
+    fmt = AutoInt8Linear(lin)
+    assert fmt.kernels is None
     big = torch.randn(9, 128)
     torch.testing.assert_close(fmt(big), lin(big), atol=1e-5, rtol=1e-5)  # the fp32 weights
     small = big[:8]
-    got = fmt(small)
-    assert got.dtype == torch.float32 and got.shape == (8, 64)
-    assert not torch.allclose(got, lin(small), atol=1e-6)  # int8 weights
-    assert relative_error(got, lin(small)) < 0.02
-    # what it computes: x times the per-row dequantized int8 weight, plus the bias
-    scale = lin.weight.abs().amax(dim=1, keepdim=True) / 127
-    dequant = torch.round(lin.weight / scale).clamp(-127, 127) * scale
-    # the C++ kernel takes fp32 activations; torch's fallback rounds them (and its scales) to bf16
-    exact_x = fmt.kernel is not None
-    want = (small if exact_x else small.bfloat16().float()) @ dequant.t() + lin.bias
-    assert relative_error(got, want) < (1e-5 if exact_x else 0.01)
+    got = fmt(small)  # torch's int8 kernel, its activations and scales rounded to bf16
+    assert not torch.allclose(got, lin(small), atol=1e-6)
+    assert relative_error(got, small.bfloat16().float() @ int8_dequantized(lin).t() + lin.bias) < 0.01
 
 
 @torch.inference_mode()
@@ -63,15 +89,16 @@ def test_w8a8_is_close() -> None:
 
 @torch.inference_mode()
 def test_rescored_head_is_exact_where_it_matters() -> None:
-    lin = linear(64, 4096 * 8, 3)
+    lin = linear(128, 4096 * 8, 3)
     head = RescoredHead(lin, num_exact=32, chunk=1024)
-    assert head.single_row_screen is not None
-    for rows in (5, 1):  # int8 screen; a single row's 4-bit screen
-        x = torch.randn(rows, 64)
+    assert head.int4_screen is not None
+    for rows in (20, 5, 1):  # int8 screen; 4-bit screens of a few rows (with the kernels) and of one row
+        x = torch.randn(rows, 128)
         want = lin(x)
         got = head(x)
         assert torch.equal(got.argmax(dim=1), want.argmax(dim=1))
-        best = want.topk(8, dim=1).indices  # the few likeliest tokens carry their exact logits
+        # the few likeliest tokens carry their exact logits (the int8 screen rescores 32, the 4-bit ones 64)
+        best = want.topk(8 if rows <= head.int4_rows else 4, dim=1).indices
         torch.testing.assert_close(got.gather(1, best), want.gather(1, best), atol=1e-5, rtol=1e-5)
         assert not torch.equal(got, want)  # the tail keeps the screen's precision
 
@@ -85,5 +112,5 @@ def test_auto_replaces_the_decoder_linears_and_leaves_the_head() -> None:
 
     model = Tiny()
     apply_quantization(model, "auto", "none")
-    assert isinstance(model.layers[0]["proj"], SmallBatchInt8Linear)
+    assert isinstance(model.layers[0]["proj"], AutoInt8Linear)
     assert isinstance(model.lm_head, nn.Linear)

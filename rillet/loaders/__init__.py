@@ -70,8 +70,10 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position
     if missing or unexpected:
         raise ValueError(f"weights do not match the {cfg.family} architecture: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    # Rotary tables were built on the meta device: build them again for real.
-    _rebuild_buffers(model, cfg, max_position)
+    # The checkpoint gives every parameter; buffers (rotary tables) were built on the CPU.
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"no weights for {left[:5]} in the {cfg.family} checkpoint")
     return model.eval()
 
 
@@ -91,14 +93,3 @@ def stack_projections(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             keys = [f"{prefix}{p}{suffix}" for p in parts]
             out[f"{prefix}{stacked}{suffix}"] = torch.cat([out.pop(k) for k in keys], dim=0)
     return out
-
-
-def _rebuild_buffers(model: nn.Module, cfg: ModelConfig, max_position: int) -> None:
-    from rillet.models.layers import Rotary
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Rotary):
-            rope = cfg.local_rope if name.endswith("rotary_local") else cfg.rope
-            real = Rotary(rope or cfg.rope, cfg.head_dim, max_position)
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], real)

@@ -12,7 +12,7 @@ from torch import nn
 
 from rillet.config import ModelConfig
 from rillet.engine.attention import PagedAttention
-from rillet.models.layers import GatedMLP, QKVProjection, RMSNorm, Rotary
+from rillet.models.layers import GatedMLP, QKVProjection, RMSNorm, Rotary, embedding
 from rillet.models.registry import kv_groups
 
 
@@ -52,7 +52,7 @@ class Gemma3Layer(nn.Module):
 class Gemma3Model(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         groups = kv_groups(cfg)
         self.layers = nn.ModuleList(
             Gemma3Layer(cfg, cfg.layer_type(i) == "sliding", groups.index(cfg.layer_type(i)))

@@ -14,6 +14,12 @@ from rillet.kernels import cpu as cpu_kernels
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
+    """An embedding table with no random init: the loader assigns its weight. (Initializing one
+    on the meta device imports torch._dynamo, 1.7 s of every start.)"""
+    return nn.Embedding(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * (offset + w), computed in fp32. Gemma uses offset 1, everyone else 0.
 
@@ -45,9 +51,10 @@ class RMSNorm(nn.Module):
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # NOTE: on the CPU even while the model is built on the meta device (see build_model).
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     if rope.freq_factors is not None:
-        return inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
+        return inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32, device="cpu")
     if rope.scaling_type == "linear":
         return inv_freq / rope.factor
     if rope.scaling_type == "llama3":
@@ -80,7 +87,7 @@ class Rotary(nn.Module):
     def __init__(self, rope: RopeConfig, dim: int, max_position: int) -> None:
         super().__init__()
         inv_freq = inverse_frequencies(rope, dim)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32, device="cpu"), inv_freq)
         self.cos: torch.Tensor
         self.sin: torch.Tensor
         self.register_buffer("cos", torch.cat((freqs.cos(), freqs.cos()), dim=-1), persistent=False)  # [P, dim]
@@ -88,7 +95,7 @@ class Rotary(nn.Module):
         self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         kernels = cpu_kernels.load()
         self.kernel = kernels.rope if kernels else None
-        self._no_scale = torch.empty(0)
+        self._no_scale = torch.empty(0, device="cpu")
 
     def forward(self, positions: torch.Tensor, *xs: tuple[torch.Tensor, RMSNorm | None]) -> list[torch.Tensor]:
         # positions: [T]   each x: ([T, heads, dim], the norm to apply first or None)

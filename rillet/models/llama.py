@@ -7,7 +7,7 @@ from torch import nn
 
 from rillet.config import ModelConfig
 from rillet.engine.attention import PagedAttention
-from rillet.models.layers import GatedMLP, QKVProjection, RMSNorm, Rotary
+from rillet.models.layers import GatedMLP, QKVProjection, RMSNorm, Rotary, embedding
 
 
 class LlamaAttention(nn.Module):
@@ -43,7 +43,7 @@ class LlamaLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.rope, cfg.head_dim, max_position)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from rillet.kernels import cpu as cpu_kernels
+from rillet.loaders.format_cache import derived
 
 QUANTIZATIONS = ("auto", "none", "int8", "w8a8")
 
@@ -106,7 +107,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, keep_dense_above: int | None = None) -> None:
         super().__init__()
-        self.qweight, self.scale = _quantize_rows(linear.weight.detach().float())
+        self.qweight, self.scale = derived("int8_rows", lambda: _quantize_rows(linear.weight.detach().float()))
         self.bias = linear.bias
         # NOTE: a dense copy is kept only where large batches are common enough to want it.
         self.dense = linear.weight.detach() if keep_dense_above is not None else None
@@ -147,15 +148,19 @@ class AutoInt8Linear(nn.Module):
         super().__init__()
         self.out_features, in_features = linear.weight.shape
         self.bias = linear.bias.detach() if linear.bias is not None else None
-        q, self.scale = _quantize_rows(linear.weight.detach().float())
         kernels = cpu_kernels.load()
         self.kernels = kernels if (kernels is not None and self.out_features % 16 == 0
                                    and in_features % self.GROUP == 0) else None
         self.dense: InputMajorLinear | None = None
         if self.kernels is not None:
-            self.tiles, self.packed = cpu_kernels.pack_int8_tiles(q), cpu_kernels.pack_w8a8(q)
+            def make() -> tuple[torch.Tensor, ...]:
+                q, scale = _quantize_rows(linear.weight.detach().float())
+                return scale, cpu_kernels.pack_int8_tiles(q), cpu_kernels.pack_w8a8(q)
+
+            self.scale, self.tiles, self.packed = derived("auto_int8", make)
         else:
-            self.dense, self.qweight, self.scale_bf16 = InputMajorLinear(linear), q, self.scale.to(torch.bfloat16)
+            self.qweight, self.scale = _quantize_rows(linear.weight.detach().float())
+            self.dense, self.scale_bf16 = InputMajorLinear(linear), self.scale.to(torch.bfloat16)
 
     @staticmethod
     def supported(linear: nn.Linear) -> bool:
@@ -191,7 +196,7 @@ class W8A8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.qweight, self.scale = _quantize_rows(linear.weight.detach().float())
+        self.qweight, self.scale = derived("int8_rows", lambda: _quantize_rows(linear.weight.detach().float()))
         self.bias = linear.bias
         self.packed: torch.Tensor | None = None
         if torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack"):
@@ -237,33 +242,17 @@ class Int4Screen(nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        rows, cols = weight.shape
-        self.group = next(g for g in self.GROUPS if cols % g == 0)
-        groups = weight.detach().view(rows, cols // self.group, self.group)
-        q = torch.empty(rows, cols, dtype=torch.int32)
-        low = torch.empty(rows, cols // self.group)
-        scale = torch.empty(rows, cols // self.group)
-        for start in range(0, rows, _CHUNK_ROWS):
-            part, end = groups[start:start + _CHUNK_ROWS].float(), start + _CHUNK_ROWS
-            low[start:end], high = part.amin(dim=2), part.amax(dim=2)
-            scale[start:end] = ((high - low[start:end]) / 15).clamp(min=1e-8)
-            part_q = torch.round((part - low[start:end].unsqueeze(2)) / scale[start:end].unsqueeze(2))
-            q[start:end] = part_q.clamp_(0, 15).view(-1, cols)
+        group = self.group = next(g for g in self.GROUPS if weight.shape[1] % g == 0)
         kernels = cpu_kernels.load()
         self.kernel: cpu_kernels.Int4Linear | None = None
         self.batch_kernel: cpu_kernels.Int4Gemm | None = None
-        if kernels is not None and self.group % 128 == 0:  # rillet's kernels: w = q * scale + low
-            self.kernel = kernels.int4_linear
-            self.packed = cpu_kernels.pack_int4_blocks(q)
-            self.scales_and_zeros = torch.stack([scale, low], dim=2).bfloat16().contiguous()
-            # a few rows at once: the same bf16-rounded scales, laid out for int4_gemm
-            self.batch_kernel = kernels.int4_gemm
-            self.batch_packed = cpu_kernels.pack_int4_batch(q)
-            self.batch_scales = cpu_kernels.pack_by_16_outputs(self.scales_and_zeros[..., 0].float())
-            self.batch_zeros = cpu_kernels.pack_by_16_outputs(self.scales_and_zeros[..., 1].float())
+        if kernels is not None and group % 128 == 0:  # rillet's kernels: w = q * scale + low
+            self.kernel, self.batch_kernel = kernels.int4_linear, kernels.int4_gemm
+            (self.packed, self.scales_and_zeros, self.batch_packed, self.batch_scales,
+             self.batch_zeros) = derived("int4_kernels", lambda: _pack_for_kernels(*_quantize_int4(weight, group)))
         else:  # torch's: w = (q - 8) * scale + zero
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            self.scales_and_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=2).contiguous().bfloat16()
+            self.packed, self.scales_and_zeros = derived("int4_torch", lambda: _pack_for_torch(
+                *_quantize_int4(weight, group)))
 
     @classmethod
     def supported(cls, weight: torch.Tensor) -> bool:
@@ -279,6 +268,35 @@ class Int4Screen(nn.Module):
             return self.kernel(x.float().contiguous(), self.packed, self.scales_and_zeros, self.group)
         return torch._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, self.group,
                                                  self.scales_and_zeros).float()
+
+
+def _quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes per group of inputs: w ~ q * scale + low; q [rows, cols] int32."""
+    rows, cols = weight.shape
+    groups = weight.detach().view(rows, cols // group, group)
+    q = torch.empty(rows, cols, dtype=torch.int32)
+    low = torch.empty(rows, cols // group)
+    scale = torch.empty(rows, cols // group)
+    for start in range(0, rows, _CHUNK_ROWS):
+        part, end = groups[start:start + _CHUNK_ROWS].float(), start + _CHUNK_ROWS
+        low[start:end], high = part.amin(dim=2), part.amax(dim=2)
+        scale[start:end] = ((high - low[start:end]) / 15).clamp(min=1e-8)
+        part_q = torch.round((part - low[start:end].unsqueeze(2)) / scale[start:end].unsqueeze(2))
+        q[start:end] = part_q.clamp_(0, 15).view(-1, cols)
+    return q, low, scale
+
+
+def _pack_for_kernels(q: torch.Tensor, low: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    scales_and_zeros = torch.stack([scale, low], dim=2).bfloat16().contiguous()
+    # a few rows at once (int4_gemm): the same bf16-rounded scales, laid out by 16 outputs
+    return (cpu_kernels.pack_int4_blocks(q), scales_and_zeros, cpu_kernels.pack_int4_batch(q),
+            cpu_kernels.pack_by_16_outputs(scales_and_zeros[..., 0].float()),
+            cpu_kernels.pack_by_16_outputs(scales_and_zeros[..., 1].float()))
+
+
+def _pack_for_torch(q: torch.Tensor, low: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (torch._convert_weight_to_int4pack_for_cpu(q, 1),
+            torch.stack([scale.t(), (low + 8 * scale).t()], dim=2).contiguous().bfloat16())
 
 
 class RescoredHead(nn.Module):

@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from rillet.loaders.weight_cache import load_resident
 from rillet.paths import cache_root
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class _Store:
         self.saved: dict[str, torch.Tensor] = {}
         if path.exists():
             try:
-                self.saved = load_file(str(path))
+                self.saved = load_resident(path)
             except Exception as e:  # a damaged file: compute again and replace it
                 logger.warning("ignoring the cached weight formats in %s: %s", path, e)
         self.made: dict[str, torch.Tensor] = {}

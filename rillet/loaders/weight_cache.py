@@ -32,7 +32,14 @@ def load(gguf_path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]] | None:
     if not (d / "done").exists():
         return None
     raw = json.loads((d / "config.json").read_text())
-    return config_from_dict(raw), load_file(str(d / "model.safetensors"))
+    return config_from_dict(raw), load_resident(d / "model.safetensors")
+
+
+def load_resident(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, copied out of its memory mapping into the process's own memory:
+    mapped file pages are faulted in on first use, in 4 KiB pages, and may be dropped and faulted
+    in again under memory pressure, which made the first minute of serving measurably slower."""
+    return {k: v.clone() for k, v in load_file(str(path)).items()}
 
 
 def save(gguf_path: Path, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:

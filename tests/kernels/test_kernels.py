@@ -184,7 +184,10 @@ def int8_rounded_per_group(x: torch.Tensor, group: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 32, 33])
 @pytest.mark.parametrize(("out_features", "in_features", "group"), [(16, 32, 32), (48, 96, 32), (1536, 640, 32),
-                                                                     (32, 128, 64)])
+                                                                     (32, 128, 64),
+                                                                     # one group per row (the LM head's screen):
+                                                                     # blocks of 8 rows, a part chunk at the end
+                                                                     (80, 64, 64), (208, 128, 128), (1024, 640, 640)])
 def test_w8a8_linear_is_the_product_with_inputs_rounded_per_group(kernels: cpu_kernels.Kernels, rows: int,
                                                                    out_features: int, in_features: int,
                                                                    group: int) -> None:

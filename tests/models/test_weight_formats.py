@@ -7,7 +7,7 @@ from torch import nn
 
 from rillet.kernels import cpu as cpu_kernels
 
-from rillet.models.weight_formats import (AutoInt8Linear, InputMajorLinear, RescoredHead, W8A8Linear,
+from rillet.models.weight_formats import (AutoInt8Linear, InputMajorLinear, Int8Screen, RescoredHead, W8A8Linear,
                                           apply_quantization)
 
 
@@ -77,6 +77,18 @@ def test_w8a8_is_close() -> None:
     lin = linear(256, 128, 2)
     x = torch.randn(4, 256)
     assert relative_error(W8A8Linear(lin)(x), lin(x)) < 0.02
+
+
+@torch.inference_mode()
+def test_int8_screen_rounds_as_w8a8_and_computes_the_same(kernels: cpu_kernels.Kernels) -> None:
+    lin = linear(640, 4096 + 16, 4)  # the last block of outputs is a part one
+    screen, reference = Int8Screen(lin), W8A8Linear(lin)
+    for rows in (1, 7, 8, 19, 32):
+        x = torch.randn(rows, 640)
+        x[:, 3] *= 50
+        got, want = screen(x), reference(x)
+        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
+    assert isinstance(RescoredHead(lin).screen, Int8Screen)
 
 
 @torch.inference_mode()

@@ -146,7 +146,12 @@ RILLET_INLINE __m512i broadcast4(const int8_t* x) {
 // weights (20 KiB for K = 640) stay in L1 while every 8 rows pass over them. NOTE: named
 // accumulators, not an array: GCC keeps an array of them on the stack here.
 RILLET_INLINE void tile_8x2(const uint8_t* __restrict packed, const float* __restrict wscale, const QuantizedRows& xr,
-                            int64_t m, int64_t K, int64_t N, int64_t n, float* __restrict out) {
+                            int64_t m, int64_t K, int64_t N, int64_t n, float* __restrict out,
+                            const uint8_t* prefetch, int64_t prefetch_bytes) {
+  // `prefetch_bytes` from `prefetch` into L2, spread over the loop (nullptr: none)
+  const uint8_t* pf = prefetch;
+  const uint8_t* pf_end = prefetch ? prefetch + prefetch_bytes : nullptr;
+  const int64_t pf_step = prefetch ? ((prefetch_bytes / 64) / (K / 4) + 1) * 64 : 0;
   const uint8_t* w0 = packed + (n / kLanes) * K * kLanes;
   const uint8_t* w1 = w0 + K * kLanes;
   const int8_t* x = xr.xq.data() + m * K;
@@ -157,6 +162,8 @@ RILLET_INLINE void tile_8x2(const uint8_t* __restrict packed, const float* __res
   for (int64_t k = 0; k < K; k += 4) {
     _mm_prefetch(reinterpret_cast<const char*>(w0 + k * kLanes + kPrefetchBytes), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w1 + k * kLanes + kPrefetchBytes), _MM_HINT_T0);
+    for (const uint8_t* stop = std::min(pf + pf_step, pf_end); pf < stop; pf += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
     const __m512i v0 = _mm512_loadu_si512(static_cast<const void*>(w0 + k * kLanes));
     const __m512i v1 = _mm512_loadu_si512(static_cast<const void*>(w1 + k * kLanes));
 #define RILLET_ROW_DOT(i) { const __m512i xb = broadcast4(x + (i) * K + k); dpbusd(a##i##0, v0, xb); dpbusd(a##i##1, v1, xb); }
@@ -192,27 +199,35 @@ void rows_of_chunk(const uint8_t* packed, const float* wscale, const QuantizedRo
 }
 
 void chunk_rows(const uint8_t* packed, const float* wscale, const QuantizedRows& xr, int64_t M, int64_t K,
-                int64_t G, int64_t N, int64_t n, float* out) {
-  int64_t first_row = 0;
-  if (G == K && M >= 8 && std::min(kChunk, N - n) == kChunk) {  // blocks of 8 rows by tile_8x2
-    first_row = M / 8 * 8;
-    for (int64_t sub = n; sub < n + kChunk; sub += 2 * kLanes)
-      for (int64_t m = 0; m < first_row; m += 8) tile_8x2(packed, wscale, xr, m, K, N, sub, out);
-    if (first_row == M) return;
-  }
-  switch (std::min(kChunk, N - n) / kLanes) {  // the last chunk may hold fewer vectors of 16 outputs
-    case 1: rows_of_chunk<1>(packed, wscale, xr, M, K, G, N, n, out, first_row); break;
-    case 2: rows_of_chunk<2>(packed, wscale, xr, M, K, G, N, n, out, first_row); break;
-    case 3: rows_of_chunk<3>(packed, wscale, xr, M, K, G, N, n, out, first_row); break;
-    default: rows_of_chunk<4>(packed, wscale, xr, M, K, G, N, n, out, first_row); break;
+                int64_t G, int64_t N, int64_t n, int64_t chunk, float* out) {
+  const int64_t end = std::min(N, n + chunk);
+  for (int64_t piece = n; piece < end; piece += kChunk) {
+    int64_t first_row = 0;
+    if (G == K && M >= 8 && piece + kChunk <= N) {  // blocks of 8 rows by tile_8x2
+      first_row = M / 8 * 8;
+      const int64_t share = 2 * K * kLanes / (first_row / 8);
+      for (int64_t sub = piece; sub < piece + kChunk; sub += 2 * kLanes) {
+        // the next 32 outputs' weights go to L2 while these sit in L1 (none after a claim's last)
+        const uint8_t* next = sub + 4 * kLanes <= end ? packed + (sub / kLanes + 2) * K * kLanes : nullptr;
+        for (int64_t m = 0; m < first_row; m += 8)
+          tile_8x2(packed, wscale, xr, m, K, N, sub, out, next ? next + (m / 8) * share : nullptr, share);
+      }
+      if (first_row == M) continue;
+    }
+    switch (std::min(kChunk, N - piece) / kLanes) {  // the last piece may hold fewer vectors of 16 outputs
+      case 1: rows_of_chunk<1>(packed, wscale, xr, M, K, G, N, piece, out, first_row); break;
+      case 2: rows_of_chunk<2>(packed, wscale, xr, M, K, G, N, piece, out, first_row); break;
+      case 3: rows_of_chunk<3>(packed, wscale, xr, M, K, G, N, piece, out, first_row); break;
+      default: rows_of_chunk<4>(packed, wscale, xr, M, K, G, N, piece, out, first_row); break;
+    }
   }
 }
 #else
 // Portable path: the same integer arithmetic, one scalar at a time.
 void chunk_rows(const uint8_t* packed, const float* wscale, const QuantizedRows& xr, int64_t M, int64_t K,
-                int64_t G, int64_t N, int64_t n, float* out) {
+                int64_t G, int64_t N, int64_t n, int64_t chunk, float* out) {
   const int64_t groups = K / G;
-  for (int64_t o = n; o < std::min(N, n + kChunk); ++o)
+  for (int64_t o = n; o < std::min(N, n + chunk); ++o)
     for (int64_t m = 0; m < M; ++m) {
       float y = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
@@ -250,10 +265,12 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t num_chunks = (N + kChunk - 1) / kChunk;
+  // One group and 8+ rows: claims of 512 outputs, so each next block of weights can be prefetched.
+  const int64_t chunk = group == K && M >= 8 ? 8 * kChunk : kChunk;
+  const int64_t num_chunks = (N + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_chunks), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next++; c < num_chunks; c = next++) chunk_rows(wp, sp, xr, M, K, group, N, c * kChunk, op);
+    for (int64_t c = next++; c < num_chunks; c = next++) chunk_rows(wp, sp, xr, M, K, group, N, c * chunk, chunk, op);
   });
   return out;
 }

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,7 +57,7 @@ class _Store:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # starts at once each write their own
             save_file({**self.saved, **self.made}, str(tmp))
             tmp.replace(self.path)
         except OSError as e:
@@ -64,7 +65,7 @@ class _Store:
 
 
 def _part_keys(key: str, saved: dict[str, torch.Tensor]) -> list[str]:
-    keys = []
+    keys: list[str] = []
     while f"{key}.{len(keys)}" in saved:
         keys.append(f"{key}.{len(keys)}")
     return keys

@@ -66,7 +66,7 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor whose memory is committed as blocks are first written: the pages of a private
     anonymous mapping read as zero until then (torch.zeros writes every byte: ~1.5 s of each start
     for Gemma 3's 2 GiB cache, and all of it resident at once). In huge pages where the kernel allows."""
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

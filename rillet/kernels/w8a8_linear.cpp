@@ -94,6 +94,14 @@ RILLET_INLINE void dpbusd(__m512i& acc, __m512i w, __m512i x) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
 }
 
+// The 4 s8 inputs at x in every lane, by a broadcast load of their own: vpdpbusd with the broadcast
+// folded into its operand ran at less than half the rate here.
+RILLET_INLINE __m512i broadcast4(const int8_t* x) {
+  int32_t four;
+  std::memcpy(&four, x, 4);
+  return _mm512_set1_epi32(four);
+}
+
 // MR rows of x (from row m) against NR vectors of 16 outputs (from output n): MR x NR int32
 // accumulators per group, the fp32 sums over groups kept in L1 (registers hold the int32 ones).
 template <int MR, int NR>
@@ -114,9 +122,7 @@ RILLET_INLINE void tile(const uint8_t* __restrict packed, const float* __restric
         wv[j] = _mm512_loadu_si512(static_cast<const void*>(w[j] + k * kLanes));
       }
       for (int i = 0; i < MR; ++i) {
-        int32_t four;
-        std::memcpy(&four, xr.xq.data() + (m + i) * K + k, 4);
-        const __m512i xb = _mm512_set1_epi32(four);
+        const __m512i xb = broadcast4(xr.xq.data() + (m + i) * K + k);
         for (int j = 0; j < NR; ++j) dpbusd(dot[i][j], wv[j], xb);
       }
     }
@@ -130,14 +136,6 @@ RILLET_INLINE void tile(const uint8_t* __restrict packed, const float* __restric
     for (int j = 0; j < NR; ++j)
       _mm512_storeu_ps(out + (m + i) * N + n + j * kLanes,
                        _mm512_mul_ps(_mm512_load_ps(acc[i][j]), _mm512_loadu_ps(wscale + n + j * kLanes)));
-}
-
-// The 4 s8 inputs at x in every lane, by a broadcast load of their own: vpdpbusd with the broadcast
-// folded into its operand ran at less than half the rate here.
-RILLET_INLINE __m512i broadcast4(const int8_t* x) {
-  int32_t four;
-  std::memcpy(&four, x, 4);
-  return _mm512_set1_epi32(four);
 }
 
 // One group (a scale per row, group == K: the LM head's screen), 8 rows x 2 vectors of outputs:

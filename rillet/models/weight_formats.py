@@ -53,6 +53,11 @@ def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _int8_rows(linear: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """The int8 copy of a linear's weight and its per-row scales (cached across starts)."""
+    return derived("int8_rows", lambda: _quantize_rows(linear.weight.detach().float()))
+
+
 class PackedLinear(nn.Module):
     """bf16 linear with its weight packed once for oneDNN's bf16 GEMM (AVX-512 BF16).
 
@@ -107,7 +112,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, keep_dense_above: int | None = None) -> None:
         super().__init__()
-        self.qweight, self.scale = derived("int8_rows", lambda: _quantize_rows(linear.weight.detach().float()))
+        self.qweight, self.scale = _int8_rows(linear)
         self.bias = linear.bias
         # NOTE: a dense copy is kept only where large batches are common enough to want it.
         self.dense = linear.weight.detach() if keep_dense_above is not None else None
@@ -196,7 +201,7 @@ class W8A8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.qweight, self.scale = derived("int8_rows", lambda: _quantize_rows(linear.weight.detach().float()))
+        self.qweight, self.scale = _int8_rows(linear)
         self.bias = linear.bias
         self.packed: torch.Tensor | None = None
         if torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack"):

@@ -28,8 +28,9 @@ class GroupMetadata:
     # decodes: blocks to gather per sequence and which gathered keys each query may see
     decode_blocks: torch.Tensor | None  # [D, max_blocks]
     decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks * block_size] bool
-    # prefills: (first token index, num tokens, blocks [nb], mask [1, 1, n, nb * block_size])
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+    # prefills: (first token index, num tokens, blocks [nb], mask [1, 1, n, nb * block_size]); blocks
+    # and mask None: a chunk that starts its sequence and fits the window sees only its own keys, causally
+    prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
     # decodes, for the paged kernel: logical block of decode_blocks[:, 0], query positions [D] each
     decode_first_blocks: torch.Tensor | None = None
     decode_positions: torch.Tensor | None = None
@@ -83,8 +84,12 @@ class PagedAttention(nn.Module):
         if d:
             out[:d] = self._decode(q[:d], meta)
         for first, n, blocks, mask in meta.prefills:
-            out[first:first + n] = self._attend(q[first:first + n].transpose(0, 1).unsqueeze(0),
-                                                blocks.unsqueeze(0), mask)[0].transpose(0, 1)
+            qs = q[first:first + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
+            if blocks is None:
+                out[first:first + n] = self._attend_own(qs, k[first:first + n], v[first:first + n])[0].transpose(0, 1)
+            else:
+                assert mask is not None
+                out[first:first + n] = self._attend(qs, blocks.unsqueeze(0), mask)[0].transpose(0, 1)
         return out.flatten(1)
 
     def _decode(self, q: torch.Tensor, meta: GroupMetadata) -> torch.Tensor:
@@ -96,6 +101,14 @@ class PagedAttention(nn.Module):
                                       meta.decode_first_blocks, meta.decode_positions, meta.window, self.scale)
         assert meta.decode_mask is not None
         return self._attend(q.unsqueeze(2), meta.decode_blocks, meta.decode_mask).squeeze(2)
+
+    def _attend_own(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [1, H, n, hd]   k, v: [n, KVH, hd], this chunk's own   -> [1, H, n, hd]
+        # NOTE: rounded as the cache holds them, so a prompt computes the same whether or not its
+        # prefix was cached; no gather, no mask.
+        k, v = (t.to(self.k_cache.dtype).to(q.dtype).transpose(0, 1).unsqueeze(0) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                              enable_gqa=self.num_heads != self.num_kv_heads)
 
     def _attend(self, q: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # q: [B, H, n, hd]   blocks: [B, nb]   mask: [B, 1, n, nb * block_size]   -> [B, H, n, hd]

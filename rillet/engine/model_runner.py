@@ -80,9 +80,13 @@ class ModelRunner:
             decode_firsts = torch.tensor([r.start for r in spans])
             decode_positions = positions[:num_decodes]
             decode_mask = _mask(decode_firsts, width, bs, decode_positions.unsqueeze(1), window)[:, None, None]
-        prefills = []
+        prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
         first = num_decodes
         for s in seqs[num_decodes:]:
+            if s.start_pos == 0 and (window is None or s.num_tokens <= window):
+                prefills.append((first, s.num_tokens, None, None))  # its own keys only, causal
+                first += s.num_tokens
+                continue
             r = self._span(s, window)
             qpos = positions_of(s).unsqueeze(1)  # [n, 1]
             mask = _mask(torch.tensor([r.start]), len(r), bs, qpos, window)  # [n, keys]

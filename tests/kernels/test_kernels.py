@@ -94,6 +94,32 @@ def test_strided_query(kernel: cpu_kernels.DecodeAttention) -> None:
     assert torch.allclose(out, torch_path(layer, q, tables, firsts, q_pos, None), atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 1), (4, 4)])
+def test_first_chunk_attends_its_own_keys_as_the_cache_path(cache_dtype: torch.dtype, num_heads: int,
+                                                            num_kv_heads: int) -> None:
+    """A prompt's first chunk skips the gather and the mask (causal SDPA over its own keys,
+    rounded as the cache holds them); the result equals reading them back from the cache."""
+    gen = torch.Generator().manual_seed(num_heads + num_kv_heads)
+    n, head_dim, block_size = 37, 64, 16
+    layer = PagedAttention(num_heads, num_kv_heads, head_dim, head_dim**-0.5, group=0)
+    layer.k_cache = torch.zeros(8, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
+    layer.v_cache = torch.zeros_like(layer.k_cache)
+    q = torch.randn(n, num_heads, head_dim, generator=gen) * 2
+    k = torch.randn(n, num_kv_heads, head_dim, generator=gen)
+    v = torch.randn(n, num_kv_heads, head_dim, generator=gen)
+    blocks = torch.tensor([5, 2, 7])  # logical blocks 0..2 of the sequence
+    slots = torch.tensor([int(blocks[p // block_size]) * block_size + p % block_size for p in range(n)])
+    for cache, new in ((layer.k_cache, k), (layer.v_cache, v)):
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, new.to(cache_dtype))
+    qs = q.transpose(0, 1).unsqueeze(0)
+    mask = _mask(torch.tensor([0]), len(blocks), block_size, torch.arange(n).unsqueeze(1), None)
+    ref = layer._attend(qs, blocks.unsqueeze(0), mask[None, None])
+    out = layer._attend_own(qs, k, v)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-5), f"max |difference| {(out - ref).abs().max().item():.2e}"
+
+
 def test_bad_block_id_raises(kernel: cpu_kernels.DecodeAttention) -> None:
     cache = torch.zeros(4, 16, 1, 64)
     with pytest.raises(RuntimeError, match="out of range"):

@@ -76,6 +76,8 @@ tenants 0.25 fair_025 --fairness tenant
 tenants 0.25 default_025
 tenants 0.35 fair_035 --fairness tenant
 tenants 0.35 default_035
+tenants 0.5 fair_05 --fairness tenant
+tenants 0.5 default_05
 echo "tenant runs: $LOGS/tenants_*.json"
 
 # Batch slots binding: every server limited to 8 running requests.
@@ -83,5 +85,10 @@ kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; PIDS=()
 start 8000 rillet_slots8.log rillet serve --port 8000 --max-num-seqs 8
 start 8001 rillet_slots8_fcfs.log rillet serve --port 8001 --max-num-seqs 8 --scheduling-policy fcfs
 start 8080 llama_slots8.log "$LLAMA" -m "$MODEL" -t 2 -np 8 -c 16384 --port 8080
-rillet bench --url $R --compare $F --compare $L --sweep 0.5,0.75,1 --num-requests 60 "${COMMON[@]}" --seed 1 \
-  --json "$OUT/slots8.json" --plot "$OUT/slots8"
+MIX=(--reading-speed-mix 3:0.34,6:0.33,12:0.33 --send-qoe)
+rillet bench --url $R --compare $F --compare $L --sweep 0.75,1,1.25,1.5,2 --num-requests 60 "${COMMON[@]}" \
+  "${MIX[@]}" --seed 1 --json "$OUT/slots8_s1.json" --plot "$OUT/slots8"
+rillet bench --url $R --compare $F --sweep 1,1.25,1.5,1.75 --num-requests 60 "${COMMON[@]}" "${MIX[@]}" --seed 2 \
+  --json "$OUT/slots8_s2.json" --plot "$OUT/slots8_s2"
+rillet bench --url $R --compare $F --sweep 2,2.25 --num-requests 60 "${COMMON[@]}" "${MIX[@]}" --seed 2 \
+  --json "$OUT/slots8_s2_high.json"

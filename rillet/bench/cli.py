@@ -54,6 +54,9 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     server.add_argument("--compare", metavar="URL", action="append", default=None,
                         help="another server, sent the same schedule after the first (repeatable); "
                              "ratios are first / each other")
+    server.add_argument("--label", metavar="NAME", action="append", default=None,
+                        help="a server's name in tables, JSON and plots, in the order of --url then --compare "
+                             "(repeatable; default: host:port)")
     server.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     server.add_argument("--api", choices=("completions", "chat"), default="completions",
                         help="stream /v1/completions or /v1/chat/completions (default: completions)")
@@ -170,7 +173,10 @@ def run_bench(args: argparse.Namespace) -> int:
     slo = SLO(args.slo_ttft if args.slo_ttft is not None else args.ttft_target,
               args.slo_tpot if args.slo_tpot is not None else 1.0 / args.reading_speed)
     urls = [args.url] + list(args.compare or [])
-    got = _Collected(_labels(urls))
+    if len(args.label or []) > len(urls):
+        print(f"rillet bench: error: {len(args.label)} labels for {len(urls)} servers", file=sys.stderr)
+        return 2
+    got = _Collected(_labels(urls, args.label or []))
     print(_describe(args, args.num_requests))
     for arr, specs in zip(arrivals, schedules):
         offsets = None if args.concurrency else arrival_offsets(len(specs), arr, args.seed)
@@ -187,8 +193,9 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0 if all(r["summary"]["num_ok"] for r in got.runs) else 1
 
 
-def _labels(urls: list[str]) -> list[str]:
-    labels = [urlsplit(u).netloc or u for u in urls]
+def _labels(urls: list[str], names: list[str]) -> list[str]:
+    """Each server's name: the one given, else its host:port (numbered where two would be equal)."""
+    labels = names + [urlsplit(u).netloc or u for u in urls[len(names):]]
     return labels if len(set(labels)) == len(labels) else [f"{i + 1}:{lab}" for i, lab in enumerate(labels)]
 
 

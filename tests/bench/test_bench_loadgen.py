@@ -166,6 +166,19 @@ def test_command_closed_loop(fake: tuple[FakeServer, str], capsys: pytest.Captur
     assert cli.main(["--url", url, "--concurrency", "3", "--sweep", "1,2"]) == 2
 
 
+def test_labels_name_servers_in_order(fake: tuple[FakeServer, str], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli._labels(["http://a:1", "http://b:2", "http://b:2"], ["qoe"]) == ["1:qoe", "2:b:2", "3:b:2"]
+    assert cli._labels(["http://a:1", "http://b:2"], []) == ["a:1", "b:2"]
+    _, url = fake
+    out = tmp_path / "bench.json"
+    assert cli.main(["--url", url, "--compare", url, "--label", "qoe", "--label", "fcfs", "--concurrency", "2",
+                     "--num-requests", "2", "--output-tokens", "2", "--warmup", "0", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["servers"] == ["qoe", "fcfs"]
+    assert "qoe" in capsys.readouterr().out
+    assert cli.main(["--url", url, "--label", "a", "--label", "b", "--concurrency", "1"]) == 2
+
+
 def test_rate_inf_is_accepted() -> None:
     assert math.isinf(cli._rate("inf"))
 

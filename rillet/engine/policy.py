@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class SchedulingPolicy(str, enum.Enum):
@@ -106,6 +106,15 @@ class TenantCounters:
 
     def key(self, tenant: str) -> float:
         return self.served.get(tenant, 0.0)
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """A step run for the least served tenant's new request (see Policy.isolate)."""
+
+    tenant: str
+    limit: float  # that tenant's counter: tenants below it may join the step
+    held: frozenset[str] = frozenset()  # served requests of other tenants that sit the step out
 
 
 @dataclass(frozen=True)
@@ -184,27 +193,33 @@ class Policy:
             n -= 1
         return n
 
-    def isolate(self, served: list[Candidate], next_waiting: Candidate | None) -> set[str]:
-        """Tenant fairness: requests in `served` to hold back for one step while a request of the
-        least served tenant (running, or `next_waiting` to be admitted) waits for its first token.
+    def isolate(self, served: list[Candidate], next_waiting: Candidate | None) -> Isolation | None:
+        """Tenant fairness: a step for the least served tenant's request (running, or `next_waiting`
+        to be admitted) that waits for its first token; None where there is none.
 
         The step that carries that request's prompt serves only its tenant and tenants with lower
-        counters, so a light tenant's first token does not wait behind a heavy tenant's whole
-        batch. Only streams served in the previous step are held back (none skips two steps in a
-        row), and the light tenant's counter grows with what it is served, so nothing starves.
+        counters: their streams in `served` sit it out, and their waiting requests are not admitted
+        in it, so a light tenant's first token does not wait behind a heavy tenant's whole batch
+        or its new prompts. Only streams served in the previous step are held back (none skips two
+        steps in a row), and the light tenant's counter grows with what it is served, so nothing
+        starves.
         """
         if not self.config.fair_tenants:
-            return set()
+            return None
         candidates = served if next_waiting is None else [*served, next_waiting]
         fresh = [c for c in candidates if c.clock is not None and c.clock.num_delivered == 0]
         if not fresh:
-            return set()
+            return None
         tenant = min(fresh, key=lambda c: self.counters.key(c.tenant)).tenant
-        limit = self.counters.key(tenant)
-        held = [c for c in served if c.tenant != tenant and self.counters.key(c.tenant) >= limit]
-        if not all(c.served_last_step for c in held):
-            return set()
-        return {c.request_id for c in held}
+        iso = Isolation(tenant, self.counters.key(tenant))
+        held = [c for c in served if not self.joins(iso, c.tenant)]
+        if not held or not all(c.served_last_step for c in held):
+            return None  # no heavier batch to step aside, or it sat out the last step
+        return replace(iso, held=frozenset(c.request_id for c in held))
+
+    def joins(self, iso: Isolation, tenant: str) -> bool:
+        """Whether a request of `tenant` may run in the step isolated for `iso.tenant`."""
+        return tenant == iso.tenant or self.counters.key(tenant) < iso.limit
 
     def victim(self, candidates: list[Candidate], now: float) -> str:
         """The running request to preempt when KV blocks run out: the one served last in rank order."""

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from rillet.engine.block_manager import KVCacheManager
 from rillet.engine.outputs import ScheduledSeq, SchedulerOutput
-from rillet.engine.policy import Candidate, Policy, PolicyConfig, QoETarget, ReaderClock, SchedulingPolicy, StepTimeModel
+from rillet.engine.policy import (Candidate, Isolation, Policy, PolicyConfig, QoETarget, ReaderClock, SchedulingPolicy,
+                                  StepTimeModel)
 from rillet.engine.sink import KVShift, max_sink_chunk, num_tokens_to_evict
 from rillet.request import FinishReason, Request, RequestStatus
 
@@ -90,10 +91,12 @@ class Scheduler:
         served = ranked[:self.config.max_num_seqs]
         served = served[:self.policy.trim([running[r] for r in served], now, self.step_time, self._step_target_s())]
         num_served = len(served)
+        isolation = None
         if isolate and self.policy.config.fair_tenants:
             first = min(self.waiting, key=lambda r: self._rank(r, now), default=None)  # the next to be admitted
-            held = self.policy.isolate([running[r] for r in served], self._candidate(first) if first else None)
-            served = [r for r in served if r.request_id not in held]
+            isolation = self.policy.isolate([running[r] for r in served], self._candidate(first) if first else None)
+            if isolation is not None:
+                served = [r for r in served if r.request_id not in isolation.held]
         num_streams = sum(1 for r in served if r.num_tokens - r.num_computed_tokens == 1)
         prefill_cap = self._prefill_cap(num_streams, max((r.num_kv_tokens for r in served
                                                           if r.num_tokens - r.num_computed_tokens > 1), default=0))
@@ -122,7 +125,7 @@ class Scheduler:
                 if remaining > 1:
                     prefill_cap -= num_new
         if not preempted:
-            budget = self._admit(scheduled, min(budget, prefill_cap), now, len(paused))
+            budget = self._admit(scheduled, min(budget, prefill_cap), now, len(paused), isolation)
         if not scheduled and len(served) < num_served:  # the isolated request could not start: no one waits for it
             return self.schedule(isolate=False)
         for req in self.running:
@@ -187,7 +190,8 @@ class Scheduler:
             return list(self.waiting)
         return sorted(self.waiting, key=lambda r: self._rank(r, now))
 
-    def _admit(self, scheduled: dict[Request, int], budget: int, now: float = 0.0, num_paused: int = 0) -> int:
+    def _admit(self, scheduled: dict[Request, int], budget: int, now: float = 0.0, num_paused: int = 0,
+               isolation: Isolation | None = None) -> int:
         # NOTE: under qoe, paused streams hold KV but no batch slot: up to max_num_seqs are served
         # per step, and up to 4x that may be admitted while their readers have text buffered.
         qoe = self.policy.config.policy is SchedulingPolicy.QOE
@@ -197,6 +201,8 @@ class Scheduler:
                 break
             if qoe and len(self.running) - num_paused >= self.config.max_num_seqs:
                 break
+            if isolation is not None and not self.policy.joins(isolation, req.tenant):
+                continue  # a step isolated for a lighter tenant's first token
             hit = self.kv.find_prefix(req) if req.num_computed_tokens == 0 else None
             start = hit.num_tokens if hit else req.num_computed_tokens
             num_new = min(req.num_tokens - start, budget)

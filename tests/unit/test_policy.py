@@ -325,6 +325,33 @@ def test_fairness_runs_a_light_tenants_first_step_without_the_heavy_batch(policy
     assert all(r.num_output_tokens == 50 for r in heavy)
 
 
+@pytest.mark.parametrize("policy", [SchedulingPolicy.FCFS, QOE])
+def test_fairness_keeps_the_heavy_tenants_new_prompts_out_of_the_light_tenants_step(policy: SchedulingPolicy) -> None:
+    s, clock = make(policy, num_blocks=2000, budget=64, max_seqs=16, fair=True)
+    heavy = [req(f"h{i}", 4, 0.0, max_tokens=50, tenant="heavy") for i in range(6)]
+    for r in heavy:
+        s.add_request(r)
+    for _ in range(3):
+        clock.now += 0.1
+        step(s)
+    s.add_request(req("light", 20, clock.now, max_tokens=5, tenant="light"))
+    late = [req(f"h{i}", 4, clock.now + 0.01, max_tokens=50, tenant="heavy") for i in range(6, 9)]
+    for r in late:  # the heavy tenant's new prompts arrive right after, and would fit the light one's step
+        s.add_request(r)
+    clock.now += 0.1
+    assert step(s) == {"light": 20}
+    clock.now += 0.1
+    got = step(s)  # the heavy prompts' turn: the light tenant, now the more served, sits this one out
+    assert all(got.get(r.request_id) == 4 for r in late) and "light" not in got
+    clock.now += 0.1
+    got = step(s)
+    assert got["light"] == 1 and all(got.get(r.request_id) == 1 for r in heavy + late)  # then everyone
+    while s.has_unfinished():
+        clock.now += 0.1
+        step(s)
+    assert all(r.num_output_tokens == 50 for r in heavy + late)
+
+
 def test_fairness_isolation_falls_back_when_the_light_request_cannot_start() -> None:
     s, clock = make(SchedulingPolicy.FCFS, num_blocks=30, budget=128, max_seqs=16, fair=True)
     heavy = [req(f"h{i}", 8, 0.0, max_tokens=8, tenant="heavy") for i in range(4)]  # 4 x 2-4 blocks of 30

@@ -304,36 +304,40 @@ def test_qoe_gives_a_late_readers_steps_the_time_of_streams_far_ahead() -> None:
     assert Policy(PolicyConfig(SchedulingPolicy.FCFS)).trim([late, *close, *ahead], now, model, 0.2) == 8
 
 
-@pytest.mark.parametrize("policy", [SchedulingPolicy.FCFS, QOE])
-def test_fairness_runs_a_light_tenants_first_step_without_the_heavy_batch(policy: SchedulingPolicy) -> None:
+def heavy_streaming(policy: SchedulingPolicy, num_heavy: int, num_steps: int) -> tuple[Scheduler, Clock, list[Request]]:
+    """A fair scheduler whose heavy tenant has `num_heavy` streams running for `num_steps` steps."""
     s, clock = make(policy, num_blocks=2000, budget=64, max_seqs=16, fair=True)
-    heavy = [req(f"h{i}", 4, 0.0, max_tokens=50, tenant="heavy") for i in range(10)]
+    heavy = [req(f"h{i}", 4, 0.0, max_tokens=50, tenant="heavy") for i in range(num_heavy)]
     for r in heavy:
         s.add_request(r)
-    for _ in range(5):
+    for _ in range(num_steps):
         clock.now += 0.1
         step(s)
+    return s, clock, heavy
+
+
+def finish(s: Scheduler, clock: Clock) -> None:
+    while s.has_unfinished():  # nobody starves
+        clock.now += 0.1
+        step(s)
+
+
+@pytest.mark.parametrize("policy", [SchedulingPolicy.FCFS, QOE])
+def test_fairness_runs_a_light_tenants_first_step_without_the_heavy_batch(policy: SchedulingPolicy) -> None:
+    s, clock, heavy = heavy_streaming(policy, num_heavy=10, num_steps=5)
     s.add_request(req("light", 20, clock.now, max_tokens=5, tenant="light"))
     clock.now += 0.1
     assert step(s) == {"light": 20}  # its prompt alone: the first token comes after one short step
     clock.now += 0.1
     got = step(s)
     assert got["light"] == 1 and all(got.get(r.request_id) == 1 for r in heavy)  # then everyone again
-    while s.has_unfinished():  # nobody starves
-        clock.now += 0.1
-        step(s)
+    finish(s, clock)
     assert all(r.num_output_tokens == 50 for r in heavy)
 
 
 @pytest.mark.parametrize("policy", [SchedulingPolicy.FCFS, QOE])
 def test_fairness_keeps_the_heavy_tenants_new_prompts_out_of_the_light_tenants_step(policy: SchedulingPolicy) -> None:
-    s, clock = make(policy, num_blocks=2000, budget=64, max_seqs=16, fair=True)
-    heavy = [req(f"h{i}", 4, 0.0, max_tokens=50, tenant="heavy") for i in range(6)]
-    for r in heavy:
-        s.add_request(r)
-    for _ in range(3):
-        clock.now += 0.1
-        step(s)
+    s, clock, heavy = heavy_streaming(policy, num_heavy=6, num_steps=3)
     s.add_request(req("light", 20, clock.now, max_tokens=5, tenant="light"))
     late = [req(f"h{i}", 4, clock.now + 0.01, max_tokens=50, tenant="heavy") for i in range(6, 9)]
     for r in late:  # the heavy tenant's new prompts arrive right after, and would fit the light one's step
@@ -346,9 +350,7 @@ def test_fairness_keeps_the_heavy_tenants_new_prompts_out_of_the_light_tenants_s
     clock.now += 0.1
     got = step(s)
     assert got["light"] == 1 and all(got.get(r.request_id) == 1 for r in heavy + late)  # then everyone
-    while s.has_unfinished():
-        clock.now += 0.1
-        step(s)
+    finish(s, clock)
     assert all(r.num_output_tokens == 50 for r in heavy + late)
 
 

@@ -15,7 +15,7 @@ from rillet.engine.block_manager import KVCacheManager
 from rillet.engine.kv_cache import KVShifter, allocate_kv_cache, plan_kv_cache
 from rillet.engine.model_runner import ModelRunner
 from rillet.engine.outputs import RequestOutput, SampledToken, SchedulerOutput
-from rillet.engine.policy import PolicyConfig, QoETarget, SchedulingPolicy
+from rillet.engine.policy import PolicyConfig, QoETarget, SchedulingPolicy, StepTimeModel
 from rillet.engine.scheduler import Scheduler, SchedulerConfig
 from rillet.kernels import cpu as cpu_kernels
 from rillet.loaders import default_model_path, format_cache, load_model
@@ -81,7 +81,7 @@ class Engine:
         cpu_kernels.prefetch()
         max_len = config.max_model_len or 1 << 30
         model = model or default_model_path()
-        self.model, self.model_config, self.tokenizer = load_model(model, max_len, dtype)
+        self.model, self.model_config, self.tokenizer = load_model(model, dtype)
         self.max_model_len = min(max_len, self.model_config.max_position)
         start = time.perf_counter()
         cache = format_cache.entry_path(Path(model), config.quantization, config.lm_head_quantization, config.dtype)
@@ -89,8 +89,6 @@ class Engine:
             apply_quantization(self.model, config.quantization, config.lm_head_quantization)
         logger.info("weight formats %s / %s ready in %.1f s", config.quantization, config.lm_head_quantization,
                     time.perf_counter() - start)
-        if os.environ.get(FAULT_ENV):
-            install_fault_hook(self.model, os.environ[FAULT_ENV])
         self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, config.quantization)
         plan = plan_kv_cache(self.model_config, config, self.kv_dtype, self.max_model_len)
         allocate_kv_cache(self.model, self.model_config, plan, config.block_size, self.kv_dtype)
@@ -108,6 +106,22 @@ class Engine:
         self.parents: dict[str, tuple[str, int]] = {}  # child request id -> (request id, choice index)
         self.children: dict[str, list[str]] = {}  # request id -> child request ids
         self.last_schedule: SchedulerOutput | None = None
+        self._warm_up()
+        if os.environ.get(FAULT_ENV):
+            install_fault_hook(self.model, os.environ[FAULT_ENV])
+
+    def _warm_up(self) -> None:
+        """Run a short prompt and one decode step before the first request does: the process's first
+        step took ~0.6 s (first calls, first-touched memory) against ~20 ms for the next, which the
+        first user waited for and the step-time model learned as a prompt cost ~30x too high."""
+        # Fewer tokens than a block: nothing enters the prefix cache.
+        start = time.perf_counter()
+        ids = [i % self.model_config.vocab_size for i in range(1, min(8, self.config.block_size))]
+        self.add_request("rillet-warm-up", ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        while self.has_unfinished():
+            self.step()
+        self.scheduler.step_time = StepTimeModel()
+        logger.info("warmed up in %.1f s", time.perf_counter() - start)
 
     @property
     def kv_capacity_tokens(self) -> int:

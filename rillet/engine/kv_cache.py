@@ -65,13 +65,15 @@ def allocate_kv_cache(model: nn.Module, cfg: ModelConfig, plan: KVPlan, block_si
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor whose memory is committed as blocks are first written: the pages of a private
     anonymous mapping read as zero until then (torch.zeros writes every byte: ~1.5 s of each start
-    for Gemma 3's 2 GiB cache, and all of it resident at once). In huge pages where the kernel allows."""
+    for Gemma 3's 2 GiB cache, and all of it resident at once).
+
+    NOTE: in 4 KiB pages, not huge pages: blocks are first written while requests run, and on the
+    VM of docs/PERFORMANCE.md a fresh huge page took ~20x longer to fault in per byte (4.5 s a GiB
+    against 0.2-1 s), which a decode step of 32 streams paid every few steps as their blocks grew."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps `buf` alive
 
 

@@ -234,22 +234,35 @@ class StepTimeModel:
     number of tokens costs more there. Fitted online by least squares over the recent steps with
     prompt tokens and the recent steps without (kept apart, so a long run of decodes cannot push
     the prompt costs out); used to size prefill chunks so that the streams sharing a step with a
-    long prompt see a gap below the stall target.
+    long prompt see a gap below the stall target. Costs are kept non-negative by the fit itself,
+    not clipped after it: early on, with few and alike samples, an unconstrained fit gave a
+    negative cost per sequence and, clipped, a 0.3 s base and 0.14 s per token, which throttled
+    prompts to 16 tokens a step.
     """
 
     def __init__(self, window: int = 64) -> None:
         self.window = window
         self.decodes: list[tuple[float, float, float, float]] = []  # (seqs, tokens, kpairs, seconds)
         self.prefills: list[tuple[float, float, float, float]] = []
+        # Sums of r_i * r_j over the kept samples, r = (1, seqs, tokens, kpairs, seconds): kept as
+        # samples come and go, so a refit costs no pass over them.
+        self.gram = [[0.0] * 5 for _ in range(5)]
         self.coef: tuple[float, float, float, float] | None = None
 
     def observe(self, num_seqs: int, num_prefill_tokens: int, seconds: float, prefill_pairs: int = 0) -> None:
         samples = self.prefills if num_prefill_tokens else self.decodes
         samples.append((num_seqs, num_prefill_tokens, prefill_pairs / 1000, seconds))
+        self._count(samples[-1], 1.0)
         if len(samples) > self.window:
-            del samples[0]
+            self._count(samples.pop(0), -1.0)
         if len(self.decodes) + len(self.prefills) >= 8:
-            self.coef = _fit(self.decodes + self.prefills) or self.coef
+            self.coef = _fit(self.gram) or self.coef
+
+    def _count(self, sample: tuple[float, float, float, float], sign: float) -> None:
+        r = (1.0, *sample)
+        for i in range(5):
+            for j in range(5):
+                self.gram[i][j] += sign * r[i] * r[j]
 
     def predict(self, num_seqs: int, num_prefill_tokens: int = 0, prefill_pairs: int = 0) -> float | None:
         """Predicted seconds of a step (None: no data yet)."""
@@ -274,17 +287,39 @@ class StepTimeModel:
         return int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a))
 
 
-def _fit(samples: list[tuple[float, float, float, float]]) -> tuple[float, float, float, float] | None:
-    """Least squares for y = c0 + c1*x1 + c2*x2 + c3*x3 (normal equations, Gaussian elimination).
+def _fit(gram: list[list[float]]) -> tuple[float, float, float, float] | None:
+    """Non-negative least squares for y = c0 + c1*x1 + c2*x2 + c3*x3, from the samples' sums.
 
-    A small ridge term on c1..c3 keeps the system solvable when a column does not vary (a run of
-    decode-only steps, or a constant batch): the fit then leans on the intercept instead of failing.
+    With three costs the constrained optimum is the best of the 8 fits over subsets of them whose
+    costs all come out >= 0 (the others held at 0). A small ridge term on c1..c3 keeps each system
+    solvable when a column does not vary (a run of decode-only steps, or a constant batch): the fit
+    then leans on the intercept instead of failing.
     """
-    k = 4
-    rows = [(1.0, x1, x2, x3) for x1, x2, x3, _ in samples]
-    ys = [y for *_, y in samples]
-    m = [[sum(r[i] * r[j] for r in rows) + (1e-3 * len(rows) if i == j and i else 0.0) for j in range(k)]
-         + [sum(r[i] * y for r, y in zip(rows, ys))] for i in range(k)]
+    n = gram[0][0]
+    best: tuple[float, list[float], tuple[int, ...]] | None = None
+    for mask in range(8):
+        cols = (0, *(i for i in (1, 2, 3) if mask >> (i - 1) & 1))
+        a = [[gram[i][j] + (1e-3 * n if i == j and i else 0.0) for j in cols] for i in cols]
+        c = _solve(a, [gram[i][4] for i in cols])
+        if c is None or min(c[1:], default=0.0) < 0:
+            continue
+        # the residual sum of squares, from the sums: y.y - 2 c.(X.y) + c.(X.X)c
+        rss = gram[4][4] - 2 * sum(ci * gram[i][4] for ci, i in zip(c, cols)) + sum(
+            ci * cj * gram[i][j] for ci, i in zip(c, cols) for cj, j in zip(c, cols))
+        if best is None or rss < best[0]:
+            best = (rss, c, cols)
+    if best is None:
+        return None
+    full = [0.0] * 4
+    for ci, i in zip(best[1], best[2]):
+        full[i] = ci
+    return full[0], full[1], full[2], full[3]
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """x with a x = b, by Gaussian elimination with partial pivoting (None: singular)."""
+    k = len(b)
+    m = [row[:] + [bi] for row, bi in zip(a, b)]
     for col in range(k):
         pivot = max(range(col, k), key=lambda r: abs(m[r][col]))
         if abs(m[pivot][col]) < 1e-12:
@@ -293,6 +328,5 @@ def _fit(samples: list[tuple[float, float, float, float]]) -> tuple[float, float
         for r in range(k):
             if r != col:
                 f = m[r][col] / m[col][col]
-                m[r] = [a - f * b for a, b in zip(m[r], m[col])]
-    c = [m[i][k] / m[i][i] for i in range(k)]
-    return c[0], max(0.0, c[1]), max(0.0, c[2]), max(0.0, c[3])
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return [m[i][k] / m[i][i] for i in range(k)]

@@ -22,8 +22,7 @@ def default_model_path() -> str:
     return str(assemble())
 
 
-def load_model(path: str | None, max_position: int, dtype: torch.dtype = torch.float32
-               ) -> tuple[nn.Module, ModelConfig, Tokenizer]:
+def load_model(path: str | None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelConfig, Tokenizer]:
     start = time.perf_counter()
     p = Path(path or default_model_path())
     if p.is_dir():
@@ -36,7 +35,7 @@ def load_model(path: str | None, max_position: int, dtype: torch.dtype = torch.f
         cfg, weights, tokenizer = _load_gguf(p)
     else:
         raise FileNotFoundError(f"{p} is neither a .gguf file nor a Hugging Face model folder")
-    model = build_model(cfg, weights, min(max_position, cfg.max_position), dtype)
+    model = build_model(cfg, weights, dtype)
     logger.info("loaded %s (%s, %d layers) in %.1f s", p.name, cfg.family, cfg.num_layers,
                 time.perf_counter() - start)
     return model, cfg, tokenizer
@@ -53,15 +52,14 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeni
 
     reader = open_gguf(path)
     cfg = gg.read_config(reader)
-    weights = gg.load_weights(reader, cfg)
+    weights = stack_projections(gg.load_weights(reader, cfg))
     weight_cache.save(path, cfg, weights)
     return cfg, weights, Tokenizer.from_gguf(reader)
 
 
-def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], max_position: int,
-                dtype: torch.dtype) -> nn.Module:
+def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
-        model = model_class(cfg.family)(cfg, max_position)
+        model = model_class(cfg.family)(cfg)
     weights = {k: v.to(dtype) if not k.endswith("norm.weight") else v for k, v in weights.items()}
     if cfg.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]

@@ -50,7 +50,7 @@ class Gemma3Layer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         groups = kv_groups(cfg)
@@ -58,8 +58,8 @@ class Gemma3Model(nn.Module):
             Gemma3Layer(cfg, cfg.layer_type(i) == "sliding", groups.index(cfg.layer_type(i)))
             for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
-        self.rotary_global = Rotary(cfg.rope, cfg.head_dim, max_position)
-        self.rotary_local = Rotary(cfg.local_rope or cfg.rope, cfg.head_dim, max_position)
+        self.rotary_global = Rotary(cfg.rope, cfg.head_dim)
+        self.rotary_local = Rotary(cfg.local_rope or cfg.rope, cfg.head_dim)
         self.embed_scale = cfg.hidden_size ** 0.5
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -72,9 +72,9 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.model = Gemma3Model(cfg, max_position)
+        self.model = Gemma3Model(cfg)
         # Tied to embed_tokens by the loader (one tensor, unless a weight format repacks it).
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

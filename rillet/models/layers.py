@@ -78,29 +78,33 @@ class Rotary(nn.Module):
     """Rotary embedding in the rotate-half layout Hugging Face checkpoints use.
 
     x * cos + rotate_half(x) * sin, with cos and sin stored at full width and the sign of rotate_half
-    folded into sin: three ops per tensor. The tables of a step's positions are looked up once and
+    folded into sin: three ops per tensor. The tables of a step's positions are computed once and
     reused by every layer (the model passes the same positions tensor to each). A per-head RMS norm
     to apply first (Gemma 3's and Qwen 3's q and k norms) comes with its tensor; where the C++
     kernels built, norm and rotation are one op.
     """
 
-    def __init__(self, rope: RopeConfig, dim: int, max_position: int) -> None:
+    def __init__(self, rope: RopeConfig, dim: int) -> None:
         super().__init__()
-        inv_freq = inverse_frequencies(rope, dim)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32, device="cpu"), inv_freq)
-        self.cos: torch.Tensor
-        self.sin: torch.Tensor
-        self.register_buffer("cos", torch.cat((freqs.cos(), freqs.cos()), dim=-1), persistent=False)  # [P, dim]
-        self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)
+        # NOTE: the angles are computed per step, for its positions, not kept as [context, dim]
+        # tables: 67 MB each at a 32k context, whose fresh memory took ~1 s of each start.
+        self.inv_freq: torch.Tensor
+        self.register_buffer("inv_freq", inverse_frequencies(rope, dim), persistent=False)
         self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         kernels = cpu_kernels.load()
         self.kernel = kernels.rope if kernels else None
         self._no_scale = torch.empty(0, device="cpu")
 
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at `positions`, at full width, the sign of rotate_half folded into sin: [T, dim] each."""
+        freqs = positions.float().unsqueeze(1) * self.inv_freq  # [T, dim / 2]
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
     def forward(self, positions: torch.Tensor, *xs: tuple[torch.Tensor, RMSNorm | None]) -> list[torch.Tensor]:
         # positions: [T]   each x: ([T, heads, dim], the norm to apply first or None)
         if self._cached is None or self._cached[0] is not positions:
-            self._cached = (positions, self.cos[positions], self.sin[positions])  # [T, dim] each
+            self._cached = (positions, *self.tables(positions))
         _, cos, sin = self._cached
         out = []
         for x, norm in xs:

@@ -41,12 +41,12 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = Rotary(cfg.rope, cfg.head_dim, max_position)
+        self.rotary = Rotary(cfg.rope, cfg.head_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [T]  -> hidden: [T, hidden]
@@ -57,9 +57,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.model = LlamaModel(cfg, max_position)
+        self.model = LlamaModel(cfg)
         # Tied to embed_tokens by the loader when the model ties them.
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

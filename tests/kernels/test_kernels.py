@@ -162,7 +162,7 @@ def test_rope_matches_the_torch_path(dtype: torch.dtype, with_norm: bool) -> Non
     from rillet.config import RopeConfig
     from rillet.models.layers import RMSNorm, Rotary
 
-    rotary = Rotary(RopeConfig(theta=10000.0), 64, 512)
+    rotary = Rotary(RopeConfig(theta=10000.0), 64)
     if rotary.kernel is None:
         pytest.skip("the C++ kernels did not build here")
     norm = RMSNorm(64, 1e-6, offset=1.0) if with_norm else None

@@ -6,6 +6,8 @@ check that torch is never imported) do not pay for them.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +16,17 @@ import pytest
 if TYPE_CHECKING:
     from rillet.kernels.cpu import Kernels
     from tests.fixtures.tiny_models import TinyModel
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Repacked weights and weight formats of this session's models (tiny ones in temporary files,
+    and the embedded one) go to a folder of its own, removed at the end, not to the user's cache."""
+    folder = tmp_path_factory.mktemp("rillet_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RILLET_CACHE_DIR", str(folder))
+        yield
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from rillet.loaders.weight_cache import load_resident
-from rillet.paths import cache_root
+from rillet.paths import cache_root, mark_used, prune
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class _Store:
         if path.exists():
             try:
                 self.saved = load_resident(path)
+                mark_used(path)
             except Exception as e:  # a damaged file: compute again and replace it
                 logger.warning("ignoring the cached weight formats in %s: %s", path, e)
         self.made: dict[str, torch.Tensor] = {}
@@ -60,6 +61,7 @@ class _Store:
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # starts at once each write their own
             save_file({**self.saved, **self.made}, str(tmp))
             tmp.replace(self.path)
+            prune(self.path.parent)
         except OSError as e:
             logger.warning("could not cache the weight formats in %s: %s", self.path, e)
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rillet.config import ModelConfig, RopeConfig
-from rillet.paths import cache_root
+from rillet.paths import cache_root, mark_used, prune
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def load(gguf_path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]] | None:
     if not (d / "done").exists():
         return None
     raw = json.loads((d / "config.json").read_text())
+    mark_used(d)
     return config_from_dict(raw), load_file(str(d / "model.safetensors"))
 
 
@@ -56,6 +57,7 @@ def save(gguf_path: Path, cfg: ModelConfig, weights: dict[str, torch.Tensor]) ->
         save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
         (d / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
         (d / "done").touch()
+        prune(d.parent)
     except OSError as e:
         logger.warning("could not cache repacked weights in %s: %s", d, e)
 

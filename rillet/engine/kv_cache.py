@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import mmap
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +12,7 @@ from rillet.engine.attention import PagedAttention
 from rillet.engine.block_manager import cdiv
 from rillet.engine.block_pool import NULL_BLOCK
 from rillet.engine.sink import KVShift
+from rillet.memory import lazy_zeros
 from rillet.models.layers import inverse_frequencies
 from rillet.models.registry import kv_groups
 
@@ -58,23 +58,8 @@ def allocate_kv_cache(model: nn.Module, cfg: ModelConfig, plan: KVPlan, block_si
     for module in model.modules():
         if isinstance(module, PagedAttention):
             shape = (plan.num_blocks[module.group], block_size, cfg.num_kv_heads, cfg.head_dim)
-            module.k_cache = _lazy_zeros(shape, dtype)
-            module.v_cache = _lazy_zeros(shape, dtype)
-
-
-def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor whose memory is committed as blocks are first written: the pages of a private
-    anonymous mapping read as zero until then (torch.zeros writes every byte: ~1.5 s of each start
-    for Gemma 3's 2 GiB cache, and all of it resident at once).
-
-    NOTE: in 4 KiB pages, not huge pages: blocks are first written while requests run, and on the
-    VM of docs/PERFORMANCE.md a fresh huge page took ~20x longer to fault in per byte (4.5 s a GiB
-    against 0.2-1 s), which a decode step of 32 streams paid every few steps as their blocks grew."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0:
-        return torch.zeros(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps `buf` alive
+            module.k_cache = lazy_zeros(shape, dtype)
+            module.v_cache = lazy_zeros(shape, dtype)
 
 
 class KVShifter:

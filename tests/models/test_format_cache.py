@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from rillet.engine.kv_cache import _lazy_zeros
 from rillet.kernels import cpu as cpu_kernels
 from rillet.loaders import format_cache
+from rillet.memory import lazy_zeros, resident_copy
 from rillet.models import weight_formats
 from rillet.models.weight_formats import apply_quantization
 
@@ -74,8 +74,16 @@ def test_the_cache_key_follows_the_options_and_the_model_file(tmp_path: Path) ->
 
 
 def test_lazy_zeros_read_as_zero_and_take_writes() -> None:
-    t = _lazy_zeros((64, 16, 1, 32), torch.float16)
+    t = lazy_zeros((64, 16, 1, 32), torch.float16)
     assert t.shape == (64, 16, 1, 32) and t.dtype == torch.float16 and t.is_contiguous()
     assert not t.any()
     t[3].fill_(2.0)
     assert float(t.float().sum()) == 2.0 * 16 * 32
+
+
+def test_resident_copy_equals_its_source_and_owns_its_memory() -> None:
+    source = torch.randn(300, 70)
+    copy = resident_copy(source)
+    assert torch.equal(copy, source) and copy.dtype == source.dtype
+    source.zero_()
+    assert copy.abs().sum() > 0  # not a view of the source

@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Tensors of 2 MiB and more (weights, KV cache, a step's logits) in transparent huge pages: read
-# before torch allocates its first tensor, so it must be set before torch is imported. On the
-# 2-core machine of docs/PERFORMANCE.md, 32 streams run ~13% faster, and without it the first
-# ~30 s after loading ran slower still while the fresh 4 KiB pages settled. THP_MEM_ALLOC_ENABLE=0
-# turns it off.
+# Tensors of 2 MiB and more that torch allocates (a step's activations and logits, weight formats
+# made at load) in transparent huge pages: read before torch allocates its first tensor, so it
+# must be set before torch is imported. On the 2-core machine of docs/PERFORMANCE.md, 32 streams
+# run ~13% faster, and without it the first ~30 s after loading ran slower still while the fresh
+# 4 KiB pages settled. THP_MEM_ALLOC_ENABLE=0 turns it off. (The KV cache and the weights copied
+# out of cache files are in 4 KiB pages: see rillet.memory.)
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __all__ = ["LLM", "SamplingParams", "EngineConfig"]

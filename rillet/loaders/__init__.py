@@ -79,7 +79,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch
     if missing or unexpected:
         raise ValueError(f"weights do not match the {cfg.family} architecture: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    # The checkpoint gives every parameter; buffers (rotary tables) were built on the CPU.
+    # The checkpoint gives every parameter; buffers (rotary frequencies) were built on the CPU.
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"no weights for {left[:5]} in the {cfg.family} checkpoint")

@@ -164,6 +164,21 @@ def test_step_time_model_survives_a_constant_batch() -> None:
     assert model.max_prefill_tokens(8, 0.15) == pytest.approx(200, abs=5)
 
 
+def test_step_time_model_keeps_costs_non_negative_after_a_slow_first_step() -> None:
+    # Steps as a fresh engine saw them: one stream decoding, its 80-token prompt in a cold first step
+    # (0.76 s), then 7 prompts at once and a chunk of 16 tokens beside 7 streams. An unconstrained
+    # fit gives a negative cost per sequence; clipped afterwards, it predicted 2.5 s for that chunk.
+    model = StepTimeModel()
+    for seqs, tokens, pairs, seconds in [(1, 0, 0, 0.024), (1, 0, 0, 0.024), (1, 0, 0, 0.029), (1, 0, 0, 0.021),
+                                         (1, 0, 0, 0.020), (1, 0, 0, 0.019), (1, 0, 0, 0.021), (1, 80, 6400, 0.757),
+                                         (7, 512, 42400, 0.509), (7, 16, 384, 0.046)]:
+        model.observe(seqs, tokens, seconds, pairs)
+    assert model.coef is not None and min(model.coef[1:]) >= 0.0
+    assert model.predict(7, 16, 384) < 0.2
+    cap = model.max_prefill_tokens(8, 0.15)
+    assert cap is not None and cap >= 50
+
+
 # -- the scheduler under each policy ------------------------------------------------------------------
 def test_stall_bound_caps_prompt_tokens_per_step() -> None:
     s, clock = make(SchedulingPolicy.FCFS, num_blocks=2000, budget=512, max_seqs=16, max_stall_s=0.2)

@@ -177,8 +177,10 @@ def _client(endpoint: Endpoint) -> httpx.AsyncClient:
     import httpx
 
     headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
-    # NOTE: no connection limit: a queue inside the client would add to the TTFT it measures.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # NOTE: no connection limit: a queue inside the client would add to the TTFT it measures. Idle
+    # connections are dropped before a server's keep-alive (uvicorn: 5 s) closes them: reusing one
+    # the server is closing at that moment fails the request (httpx.ReadError).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)
     return httpx.AsyncClient(timeout=httpx.Timeout(endpoint.timeout_s), limits=limits, headers=headers)
 
 

@@ -52,7 +52,7 @@ def _prompt(words: int, seed: int) -> str:
 async def stall(url: str, long_words: int, stream_tokens: int, seed: int = 0, settle_s: float = 3.0
                 ) -> dict[str, float]:
     # NOTE: fresh texts per seed, so a repeat finds nothing in the prefix cache.
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(keepalive_expiry=2.0)) as client:
         await _stream(client, url, _prompt(20, 999 + 10_000 * seed), 4)  # warm-up
         streams = [asyncio.create_task(_stream(client, url, _prompt(40, i + 10_000 * seed), stream_tokens))
                    for i in range(8)]
@@ -85,7 +85,10 @@ async def _poisson(client: httpx.AsyncClient, url: str, user: str, rate: float, 
 
 
 async def tenants(url: str, rate: float, num: int, words: int, max_tokens: int) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=1000)) as client:
+    # NOTE: idle connections are dropped before uvicorn's 5 s keep-alive closes them: reusing one the
+    # server is closing at that moment fails the request (httpx.ReadError).
+    limits = httpx.Limits(max_connections=1000, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await _stream(client, url, _prompt(20, 999), 4)  # warm-up
         alone = await _poisson(client, url, "light", rate, num, 1, words, max_tokens)
         heavy = asyncio.create_task(_poisson(client, url, "heavy", 10 * rate, 10 * num, 2, words, max_tokens))

@@ -114,9 +114,10 @@ class Engine:
         """Run a short prompt and one decode step before the first request does: the process's first
         step took ~0.6 s (first calls, first-touched memory) against ~20 ms for the next, which the
         first user waited for and the step-time model learned as a prompt cost ~30x too high."""
-        # Fewer tokens than a block: nothing enters the prefix cache.
         start = time.perf_counter()
-        ids = [i % self.model_config.vocab_size for i in range(1, min(8, self.config.block_size))]
+        # Fewer tokens than a block (where a block holds more than one): nothing enters the prefix cache.
+        num = max(1, min(7, self.config.block_size - 1))
+        ids = [i % self.model_config.vocab_size for i in range(1, num + 1)]
         self.add_request("rillet-warm-up", ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         while self.has_unfinished():
             self.step()

@@ -11,6 +11,11 @@
 - `w8a8_linear.cpp`: batches of rows times int8 weights on VNNI, the rows rounded to int8 per
   group of 32 inputs on the fly.
 
+Each has an AVX-512 path; `int8_linear` and `w8a8_linear` have AVX2 paths too (w8a8 without
+VNNI: u8 x s8 pairs by vpmaddubsw with the sign trick, so no int16 sum saturates), and the
+attention kernel widens float16 KV by F16C. On a CPU without VNNI the LM head screens with int8
+logits at every batch size (`Int4Screen.supported`). What is left runs a portable scalar path.
+
 The first start compiles them with `-O3 -march=native` into torch's extension cache
 (~/.cache/torch_extensions by default, or $TORCH_EXTENSIONS_DIR), under a name that includes this
 CPU's feature flags; later starts only load it. If the build fails, one warning is logged and
@@ -213,12 +218,26 @@ def _own_ninja_first() -> Iterator[None]:
         os.environ["PATH"] = path
 
 
-def _cpu_tag() -> str:
-    """Short hash of the CPU's feature flags, so a shared extension cache never hands a
-    -march=native build to a CPU that lacks its instructions."""
+@functools.cache
+def _flags_line() -> str:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), platform.processor())
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return next((line for line in cpuinfo.splitlines() if line.startswith("flags")), platform.processor())
+
+
+def has_vnni() -> bool:
+    """Whether the CPU multiplies u8 x s8 into int32 without saturating (AVX-512 VNNI or AVX-VNNI).
+
+    Without it, int8 GEMMs that feed uint8 activations (oneDNN's u8s8) sum pairs of products in
+    int16 and saturate: a product of two int8 matrices can then be far off.
+    """
+    flags = set(_flags_line().split())
+    return bool(flags & {"avx512_vnni", "avx_vnni"})
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU's feature flags, so a shared extension cache never hands a
+    -march=native build to a CPU that lacks its instructions."""
+    return hashlib.sha256(f"{platform.machine()} {_flags_line()}".encode()).hexdigest()[:10]

@@ -15,7 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -95,8 +95,36 @@ void widen(const int8_t* __restrict w, int64_t count, float* __restrict buf) {
         reinterpret_cast<const __m128i*>(w + i)))));
 }
 #define RILLET_INT8_WIDENED 1
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2: each output's 16 inputs widen to two registers of 8 floats; one accumulator per row and
+// output (MR x 4), summed across its lanes at the end.
+template <int MR>
+inline void tile(const float* __restrict x, int64_t K, const int8_t* __restrict w, const float* __restrict scale,
+                 float* __restrict out, int64_t N, int64_t n) {
+  __m256 acc[MR][kTileN];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kTileN; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += kTileK) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k * kTileN + kPrefetchBytes), _MM_HINT_T0);
+    for (int r = 0; r < kTileN; ++r) {
+      const int8_t* wr = w + k * kTileN + r * kTileK;
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr))));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + 8))));
+      for (int m = 0; m < MR; ++m) {
+        acc[m][r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * K + k), acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * K + k + 8), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < kTileN; ++r) {
+      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
+      const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      out[m * N + n + r] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))) * scale[n + r];
+    }
+}
 #else
-// Without AVX-512: the same tiles, one scalar at a time (correct, not fast).
+// Without AVX-512 or AVX2: the same tiles, one scalar at a time (correct, not fast).
 template <int MR>
 inline void tile(const float* x, int64_t K, const int8_t* w, const float* scale, float* out, int64_t N, int64_t n) {
   for (int m = 0; m < MR; ++m)

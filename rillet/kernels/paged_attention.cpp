@@ -16,7 +16,7 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -107,6 +107,9 @@ inline void widen_rows(const uint16_t* __restrict src, int64_t src_stride, int64
 #if defined(__AVX512F__)
       for (; i + kLanes <= n; i += kLanes)
         _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i))));
+#elif defined(__F16C__)
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i))));
 #endif
       for (; i < n; ++i) out[i] = c10::detail::fp16_ieee_to_fp32_value(row[i]);
     }

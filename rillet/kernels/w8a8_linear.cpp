@@ -22,6 +22,9 @@
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define RILLET_W8A8_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define RILLET_W8A8_AVX2 1
 #endif
 
 #include <algorithm>
@@ -219,6 +222,75 @@ void chunk_rows(const uint8_t* packed, const float* wscale, const QuantizedRows&
       default: rows_of_chunk<4>(packed, wscale, xr, M, K, G, N, piece, out, first_row); break;
     }
   }
+}
+#elif defined(RILLET_W8A8_AVX2)
+// AVX2 without VNNI: vpmaddubsw sums pairs of u8 x s8 products into int16 and saturates, so the
+// packed q + 128 cannot go in as it is. Its sign bit flipped gives q (s8); |q| (u8, <= 127) times
+// x with q's sign (s8) is the same product, and a pair of them fits int16 (2 x 127 x 127). One
+// 64-byte block (4 inputs of 16 outputs) is two registers of 8 outputs; vpmaddwd by ones sums the
+// pairs into the 4-product int32 lanes that vpdpbusd gives. No +128 correction on this path.
+#define RILLET_INLINE inline __attribute__((always_inline))
+#ifndef RILLET_AVX2_ROWS
+#define RILLET_AVX2_ROWS 3
+#endif
+
+RILLET_INLINE __m256i broadcast4(const int8_t* x) {
+  int32_t four;
+  std::memcpy(&four, x, 4);
+  return _mm256_set1_epi32(four);
+}
+
+// MR rows of x (from row m) against 16 outputs from n: 2 x MR int32 accumulators per group, the
+// fp32 sums over groups in registers too.
+template <int MR>
+RILLET_INLINE void tile16(const uint8_t* __restrict packed, const float* __restrict wscale, const QuantizedRows& xr,
+                          int64_t m, int64_t K, int64_t G, int64_t N, int64_t n, float* __restrict out) {
+  const int64_t groups = K / G;
+  const uint8_t* w = packed + (n / kLanes) * K * kLanes;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i dot[MR][2];
+    for (int i = 0; i < MR; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k * kLanes + kPrefetchBytes), _MM_HINT_T0);
+      const __m256i q0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * kLanes)), flip);
+      const __m256i q1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * kLanes + 32)), flip);
+      const __m256i a0 = _mm256_abs_epi8(q0), a1 = _mm256_abs_epi8(q1);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xb = broadcast4(xr.xq.data() + (m + i) * K + k);
+        dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, q0)), ones));
+        dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, q1)), ones));
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 sx = _mm256_set1_ps(xr.sx[(m + i) * groups + g]);
+      acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][0]), sx, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][1]), sx, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_ps(out + (m + i) * N + n + 8 * h, _mm256_mul_ps(acc[i][h], _mm256_loadu_ps(wscale + n + 8 * h)));
+}
+
+void chunk_rows(const uint8_t* packed, const float* wscale, const QuantizedRows& xr, int64_t M, int64_t K,
+                int64_t G, int64_t N, int64_t n, int64_t chunk, float* out) {
+  // A chunk's 64 x K weights stay in L2 while every 4 rows of x pass over each 16 outputs.
+  for (int64_t o = n; o < std::min(N, n + chunk); o += kLanes)
+    for (int64_t m = 0; m < M; m += RILLET_AVX2_ROWS) {
+      switch (std::min<int64_t>(RILLET_AVX2_ROWS, M - m)) {
+        case 1: tile16<1>(packed, wscale, xr, m, K, G, N, o, out); break;
+#if RILLET_AVX2_ROWS >= 2
+        case 2: tile16<2>(packed, wscale, xr, m, K, G, N, o, out); break;
+#endif
+#if RILLET_AVX2_ROWS >= 3
+        case 3: tile16<3>(packed, wscale, xr, m, K, G, N, o, out); break;
+#endif
+        default: tile16<RILLET_AVX2_ROWS>(packed, wscale, xr, m, K, G, N, o, out); break;
+      }
+    }
 }
 #else
 // Portable path: the same integer arithmetic, one scalar at a time.

@@ -230,9 +230,8 @@ void chunk_rows(const uint8_t* packed, const float* wscale, const QuantizedRows&
 // 64-byte block (4 inputs of 16 outputs) is two registers of 8 outputs; vpmaddwd by ones sums the
 // pairs into the 4-product int32 lanes that vpdpbusd gives. No +128 correction on this path.
 #define RILLET_INLINE inline __attribute__((always_inline))
-#ifndef RILLET_AVX2_ROWS
-#define RILLET_AVX2_ROWS 3
-#endif
+
+constexpr int64_t kAvx2Rows = 3;  // rows per tile: at 4, GCC spilled accumulators to the stack
 
 RILLET_INLINE __m256i broadcast4(const int8_t* x) {
   int32_t four;
@@ -277,18 +276,13 @@ RILLET_INLINE void tile16(const uint8_t* __restrict packed, const float* __restr
 
 void chunk_rows(const uint8_t* packed, const float* wscale, const QuantizedRows& xr, int64_t M, int64_t K,
                 int64_t G, int64_t N, int64_t n, int64_t chunk, float* out) {
-  // A chunk's 64 x K weights stay in L2 while every 4 rows of x pass over each 16 outputs.
+  // Each 16 outputs' K weights stay in L1 while every 3 rows of x pass over them.
   for (int64_t o = n; o < std::min(N, n + chunk); o += kLanes)
-    for (int64_t m = 0; m < M; m += RILLET_AVX2_ROWS) {
-      switch (std::min<int64_t>(RILLET_AVX2_ROWS, M - m)) {
+    for (int64_t m = 0; m < M; m += kAvx2Rows) {
+      switch (std::min(kAvx2Rows, M - m)) {
         case 1: tile16<1>(packed, wscale, xr, m, K, G, N, o, out); break;
-#if RILLET_AVX2_ROWS >= 2
         case 2: tile16<2>(packed, wscale, xr, m, K, G, N, o, out); break;
-#endif
-#if RILLET_AVX2_ROWS >= 3
-        case 3: tile16<3>(packed, wscale, xr, m, K, G, N, o, out); break;
-#endif
-        default: tile16<RILLET_AVX2_ROWS>(packed, wscale, xr, m, K, G, N, o, out); break;
+        default: tile16<3>(packed, wscale, xr, m, K, G, N, o, out); break;
       }
     }
 }
